@@ -1,0 +1,1 @@
+"""The CPU side: HTTP API, planning, merging, reconciling."""

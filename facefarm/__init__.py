@@ -1,0 +1,1 @@
+"""FaceFarm's public surface: the FarmClient and the ``facefarm`` CLI."""

@@ -1,0 +1,115 @@
+"""The one settings object: the only reader of the environment (prefix ``FACEFARM_``).
+
+Every process (API, CPU worker, render worker, CLI, reconciler) builds it once with
+``get_settings()`` and passes it down; nothing reads ``os.environ`` anywhere else.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.errors import ConfigError
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class Settings(BaseSettings):
+    """All of FaceFarm's configuration; env names are ``FACEFARM_<FIELD>`` in upper case."""
+
+    model_config = SettingsConfigDict(env_prefix="FACEFARM_", extra="ignore", frozen=True)
+
+    # --- broker / state -------------------------------------------------------------------
+    redis_url: str = DEFAULT_REDIS_URL
+    result_backend_url: str | None = None  # defaults to redis_url (db+1 is not assumed)
+    require_redis_password: bool = False  # deployments set this; embedded mode does not
+
+    # --- storage ---------------------------------------------------------------------------
+    storage_url: str = "file:///var/lib/facefarm/storage"  # file:///dir or s3://bucket/prefix
+    file_roots: list[Path] = Field(default_factory=list)  # extra roots file:// inputs may come from
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    presign_expiry_s: int = 6 * 3600
+
+    # --- model store -----------------------------------------------------------------------
+    model_store: str = str(Path.home() / ".cache" / "facefarm" / "models")  # dir or s3://...
+
+    # --- API / auth ------------------------------------------------------------------------
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    # sha256(token) hex -> owner, e.g. '{"9f86d0...": "alice"}'
+    api_tokens: dict[str, str] = Field(default_factory=dict)
+    max_upload_bytes: int = 4 * 1024**3
+
+    # --- input limits (checked at plan time, before any GPU work) --------------------------
+    max_duration_s: float = 4 * 3600
+    max_width: int = 8192
+    max_height: int = 8192
+    max_frames: int = 1_000_000
+    max_output_pixels: int = 7680 * 4320
+
+    # --- planning ----------------------------------------------------------------------------
+    chunk_frames: int = 0  # 0 = derive from target_chunk_s
+    target_chunk_s: float = 180.0  # GPU seconds of work per chunk
+    warmup_frames: int = 8  # decoded before a chunk for tracking/smoothing, not output
+    batch_frames: int = 8
+
+    # --- reliability ---------------------------------------------------------------------------
+    task_time_limit_s: int = 3600
+    task_soft_time_limit_s: int = 3300
+    visibility_timeout_s: int = 4 * 3600
+    heartbeat_interval_s: float = 2.0
+    stall_after_s: float = 60.0
+    max_attempts: int = 3
+    worker_block_after_failures: int = 5
+    worker_block_ttl_s: int = 3600
+    reconcile_interval_s: float = 10.0
+    retention_inputs_s: int = 7 * 24 * 3600
+    retention_outputs_s: int = 7 * 24 * 3600
+
+    # --- render worker ---------------------------------------------------------------------
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    gpu_budget: str = "auto"  # auto | bytes (e.g. 2147483648) | 2GiB
+    budget_free_fraction: float = 0.9
+    mps_pipe_dir: Path = Path("/tmp/nvidia-mps")
+    mps_log_dir: Path = Path("/tmp/nvidia-mps-log")
+    unified_memory: bool = False
+    encoder_threads: int = 2
+
+    # --- flower / observability ------------------------------------------------------------
+    flower_basic_auth: str | None = None  # "user:password"
+    flower_port: int = 5555
+    log_level: str = "INFO"
+
+    # --- safety -------------------------------------------------------------------------------
+    synthetic_label: str = "synthetic media: face-swapped with FaceFarm"
+    environment: Literal["local", "production"] = "local"
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_production(self) -> Settings:
+        if self.environment == "production":
+            if not self.api_tokens:
+                raise ConfigError("FACEFARM_API_TOKENS must be set in production")
+            if not self.flower_basic_auth:
+                raise ConfigError("FACEFARM_FLOWER_BASIC_AUTH must be set in production")
+            if self.require_redis_password and "@" not in self.redis_url:
+                raise ConfigError("FACEFARM_REDIS_URL must carry a password in production")
+        if self.task_soft_time_limit_s >= self.task_time_limit_s:
+            raise ConfigError("task_soft_time_limit_s must be below task_time_limit_s")
+        if self.visibility_timeout_s <= self.task_time_limit_s:
+            raise ConfigError("visibility_timeout_s must exceed task_time_limit_s")
+        return self
+
+    @property
+    def backend_url(self) -> str:
+        return self.result_backend_url or self.redis_url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once."""
+    return Settings()
