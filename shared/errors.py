@@ -22,6 +22,7 @@ boundary where they happen, and raised ``from exc``. Tasks retry by class, never
     ├── RetryableError                 transient: retry the step or the task
     │   ├── GpuOutOfMemoryError        CUDA OOM (the runtime shrinks tiles/batches first)
     │   ├── BrokerUnavailableError     Redis/broker not reachable
+    │   ├── ApiUnavailableError        the FaceFarm HTTP API not reachable (client side)
     │   ├── StorageUnavailableError    transient storage I/O
     │   └── ExternalToolError          ffmpeg/ffprobe failed in a way that may be transient
     ├── StaleAttemptError              this attempt lost its lease: another attempt owns the chunk
@@ -126,6 +127,10 @@ class GpuOutOfMemoryError(RetryableError):
 
 class BrokerUnavailableError(RetryableError):
     """The broker / state store cannot be reached."""
+
+
+class ApiUnavailableError(RetryableError):
+    """The FaceFarm HTTP API cannot be reached (refused, timed out, DNS)."""
 
 
 class StorageUnavailableError(RetryableError):

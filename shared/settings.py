@@ -37,6 +37,7 @@ class Settings(BaseSettings):
 
     # --- model store -----------------------------------------------------------------------
     model_store: str = str(Path.home() / ".cache" / "facefarm" / "models")  # dir or s3://...
+    model_cache_dir: Path = Path.home() / ".cache" / "facefarm" / "models-synced"  # local copy of an s3 store
 
     # --- API / auth ------------------------------------------------------------------------
     api_host: str = "127.0.0.1"
@@ -44,6 +45,9 @@ class Settings(BaseSettings):
     # sha256(token) hex -> owner, e.g. '{"9f86d0...": "alice"}'
     api_tokens: dict[str, str] = Field(default_factory=dict)
     max_upload_bytes: int = 4 * 1024**3
+    # client side (CLI / FarmClient): where the API is and the token to send
+    api_url: str | None = None  # default http://{api_host}:{api_port}
+    api_token: str | None = None
 
     # --- input limits (checked at plan time, before any GPU work) --------------------------
     max_duration_s: float = 4 * 3600
@@ -74,9 +78,12 @@ class Settings(BaseSettings):
     # --- render worker ---------------------------------------------------------------------
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     gpu_budget: str = "auto"  # auto | bytes (e.g. 2147483648) | 2GiB
+    per_gpu: int = 1  # render clients (Celery worker processes) per GPU: deployments' --per-gpu
     budget_free_fraction: float = 0.9
     mps_pipe_dir: Path = Path("/tmp/nvidia-mps")
     mps_log_dir: Path = Path("/tmp/nvidia-mps-log")
+    # this client's CUDA_MPS_PINNED_DEVICE_MEM_LIMIT (e.g. "0=4096M"); the launcher sets both
+    mps_mem_limit: str | None = None
     unified_memory: bool = False
     encoder_threads: int = 2
 

@@ -1,0 +1,173 @@
+"""The cpu-queue steps as plain functions over a ``FarmContext``: plan a job, merge a job.
+
+The Celery tasks in ``dispatcher.tasks`` are one-line adapters around these, so the steps can be
+run and tested without a worker. Both are idempotent: a redelivered plan continues a PLANNING job, a
+re-run merge rewrites the same output key and a merge of a COMPLETED job only finishes the cleanup.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dispatcher.planner import (
+    ChunkRange,
+    check_limits,
+    chunk_frames_for,
+    encoder_settings_for,
+    frame_range_for,
+    plan_chunks,
+    planning_notes,
+)
+from dispatcher.service import FarmContext, enqueue_renders
+from shared.errors import InvalidVideoError
+from shared.media import VideoInfo, display_name, probe
+from shared.names import storage_chunk_key, storage_output_key
+from shared.schemas import ChunkSpec, JobStatus
+from shared.storage import Storage
+
+CHUNK_EXT = "mp4"
+OUTPUT_EXT = "mp4"
+
+
+def plan_job_now(ctx: FarmContext, job_id: str) -> dict[str, Any]:
+    """Probe the video, refuse what the farm will not render, record the chunks, enqueue the renders."""
+    store, storage, settings = ctx.store, ctx.storage, ctx.settings
+    job = store.get_job(job_id)
+    if job.status is JobStatus.QUEUED:
+        if not store.set_status(job_id, JobStatus.PLANNING):
+            return {"job_id": job_id, "skipped": store.get_job(job_id).status.value}
+    elif job.status is not JobStatus.PLANNING:  # cancelled, or a duplicate delivery after planning
+        return {"job_id": job_id, "skipped": job.status.value}
+    store.append_log(job_id, "planning: probing the video")
+
+    source = storage.local_path_or_url(job.video_uri)
+    try:
+        info = probe(source)
+    except InvalidVideoError as exc:  # name the user's file, not our storage path or a presigned URL
+        user_name = job.audit.get("input_names", {}).get("video")
+        if not user_name:
+            raise
+        message = str(exc).replace(display_name(source), user_name)
+        raise InvalidVideoError(message, **exc.context) from exc
+    options = job.options
+    check_limits(info, options, settings)
+    if options.start_s is not None or options.end_s is not None:
+        start_frame, end_frame = frame_range_for(info, options.start_s, options.end_s)
+    else:
+        start_frame, end_frame = 0, info.frame_count
+    ranges = plan_chunks(
+        info,
+        chunk_frames=chunk_frames_for(info, options, settings),
+        warmup_frames=settings.warmup_frames,
+        start_frame=start_frame,
+        end_frame=end_frame,
+    )
+    encoder = encoder_settings_for(info, options, settings)
+    specs = [
+        ChunkSpec(
+            job_id=job_id,
+            index=r.index,
+            start_frame=r.start_frame,
+            end_frame=r.end_frame,
+            warmup_frames=r.warmup_frames,
+            seek_pts=r.seek_pts,
+            seek_frame=r.seek_frame,
+            source_uri=job.video_uri,
+            face_uri=job.face_uri,
+            output_uri=storage.uri_for(storage_chunk_key(job_id, r.index, CHUNK_EXT)),
+            options=options,
+            encoder=encoder,
+        )
+        for r in ranges
+    ]
+    frames_total = end_frame - start_frame
+    if not store.record_plan(
+        job_id, specs, frames_total=frames_total, video_info_json=info.model_dump_json()
+    ):
+        store.append_log(job_id, "planning finished after the job was cancelled; nothing enqueued")
+        return {"job_id": job_id, "skipped": store.get_job(job_id).status.value}
+    name = job.audit.get("input_names", {}).get("video") or display_name(info.source)
+    store.append_log(
+        job_id,
+        f"planned {len(specs)} chunks, {frames_total} frames of {name} "
+        f"({info.width}x{info.height} {info.codec}, {len(info.keyframe_indices)} keyframes) "
+        f"-> {encoder.width}x{encoder.height} {encoder.codec}",
+    )
+    for note in planning_notes(info, options):
+        store.append_log(job_id, f"note: {note}")
+    order = enqueue_renders(ctx, job_id)
+    return {"job_id": job_id, "chunks": len(specs), "order": order}
+
+
+def merge_job_now(ctx: FarmContext, job_id: str, workdir: Path, *, timeout_s: float) -> dict[str, Any]:
+    """Concatenate the committed chunks, store the output, mark COMPLETED durably, then drop the chunks."""
+    from dispatcher.merger import merge_chunks
+
+    store, storage, settings = ctx.store, ctx.storage, ctx.settings
+    job = store.get_job(job_id)
+    if job.status is JobStatus.COMPLETED:
+        deleted = storage.delete_prefix(f"jobs/{job_id}/chunks/")
+        return {"job_id": job_id, "skipped": "COMPLETED", "chunks_deleted": deleted}
+    if job.status is JobStatus.RENDERING:
+        if not store.all_committed(job_id) or not store.set_status(job_id, JobStatus.MERGING):
+            return {"job_id": job_id, "skipped": store.get_job(job_id).status.value}
+    elif job.status is not JobStatus.MERGING:
+        return {"job_id": job_id, "skipped": job.status.value}
+
+    with store.lock(f"merge:{job_id}", ttl_s=settings.task_time_limit_s) as held:
+        if not held:
+            return {"job_id": job_id, "skipped": "another merge holds the lock"}
+        chunks = sorted(store.chunks(job_id), key=lambda c: c.index)
+        if job.video_info is None:
+            raise InvalidVideoError(f"job {job_id} has no probed video info; retry the job to plan it again")
+        info = VideoInfo.model_validate(job.video_info)
+        store.append_log(job_id, f"merging {len(chunks)} chunks")
+        chunk_paths = [
+            _local_copy(storage, c.spec.output_uri, workdir / f"chunk-{c.index:05d}.{CHUNK_EXT}")
+            for c in chunks
+        ]
+        ranges = [
+            ChunkRange(
+                index=c.index,
+                start_frame=c.spec.start_frame,
+                end_frame=c.spec.end_frame,
+                warmup_frames=c.spec.warmup_frames,
+                seek_pts=c.spec.seek_pts,
+                seek_frame=c.spec.seek_frame,
+            )
+            for c in chunks
+        ]
+        output = workdir / f"output.{OUTPUT_EXT}"
+        report = merge_chunks(
+            chunk_paths,
+            source=storage.local_path_or_url(job.video_uri),
+            info=info,
+            chunk_ranges=ranges,
+            output=output,
+            label=settings.synthetic_label,
+            timeout_s=timeout_s,
+        )
+        store.append_log(
+            job_id,
+            f"merged {report.frames}/{report.expected_frames} frames, {report.duration_s:.3f} s, "
+            f"{report.audio_streams} audio and {report.subtitle_streams} subtitle streams",
+        )
+        for note in report.notes:
+            store.append_log(job_id, f"note: {note}")
+        stored = storage.put_file(storage_output_key(job_id, OUTPUT_EXT), output)
+        if not store.complete_job(job_id, output_uri=stored.uri, output_sha256=stored.sha256):
+            return {"job_id": job_id, "skipped": store.get_job(job_id).status.value}
+    store.append_log(
+        job_id, f"completed: {stored.uri} ({stored.size_bytes} bytes, sha256 {stored.sha256[:16]})"
+    )
+    deleted = storage.delete_prefix(f"jobs/{job_id}/chunks/")
+    return {"job_id": job_id, "output_uri": stored.uri, "chunks_deleted": deleted}
+
+
+def _local_copy(storage: Storage, uri: str, dest: Path) -> Path:
+    """A local path for ``uri``: the file itself on local storage, a download otherwise."""
+    where = storage.local_path_or_url(uri)
+    if "://" not in where:
+        return Path(where)
+    return storage.get_to_path(uri, dest)

@@ -1,0 +1,100 @@
+"""The reconciler: repairs what messages alone cannot, and applies retention. Exactly one runs at a time.
+
+Celery's redelivery of long tasks hinges on the visibility timeout (hours); the heartbeat in the
+state store is the faster, primary recovery path. Each pass: hand stalled chunks (heartbeat older
+than ``stall_after_s``) back and re-enqueue them (the old attempt is fenced out), enqueue merges that
+were never triggered (every chunk committed but still RENDERING, or MERGING without a live merge
+lock), and delete inputs/outputs past their retention. A Redis lock with a TTL elects the one active
+reconciler; another instance simply waits and takes over if the holder dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from dispatcher.service import FarmContext, create_context, enqueue_merge, enqueue_renders
+from shared.errors import FaceFarmError
+from shared.settings import Settings
+
+LOCK_NAME = "reconciler"
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Report:
+    """What one pass did."""
+
+    requeued: list[tuple[str, int]] = field(default_factory=list)
+    merges: list[str] = field(default_factory=list)
+    inputs_expired: list[str] = field(default_factory=list)
+    outputs_expired: list[str] = field(default_factory=list)
+
+
+def reconcile_once(ctx: FarmContext, *, now: float | None = None) -> Report:
+    """One pass over the active jobs and the retention windows (the caller holds the lock)."""
+    now = time.time() if now is None else now
+    settings, store, storage = ctx.settings, ctx.store, ctx.storage
+    report = Report()
+
+    stall_s = settings.stall_after_s
+    for stalled in store.stalled_chunks(now, stall_s):
+        reason = f"stalled: no heartbeat for {now - stalled.heartbeat_at:.0f} s"
+        if store.release_attempt(
+            stalled.job_id, stalled.index, stalled.attempt_id, reason, stale_before=now - stall_s, now=now
+        ):
+            store.append_log(stalled.job_id, f"chunk {stalled.index}: {reason}; re-enqueued", now=now)
+            enqueue_renders(ctx, stalled.job_id, [stalled.index])
+            report.requeued.append((stalled.job_id, stalled.index))
+
+    for job_id in store.merges_due(now, grace_s=stall_s):
+        store.append_log(job_id, "reconciler: all chunks committed but no merge ran; merge enqueued", now=now)
+        enqueue_merge(ctx, job_id)
+        report.merges.append(job_id)
+
+    for job_id in store.finished_before(now - settings.retention_inputs_s):
+        job = store.get_job(job_id)
+        if job.fields.get("inputs_expired") == "1":
+            continue
+        storage.delete_prefix(f"jobs/{job_id}/input/")  # only our copies; file:// inputs in file_roots stay
+        store.mark(job_id, inputs_expired="1")
+        store.append_log(job_id, "retention: inputs deleted", now=now)
+        report.inputs_expired.append(job_id)
+
+    for job_id in store.finished_before(now - settings.retention_outputs_s):
+        job = store.get_job(job_id)
+        if job.fields.get("output_expired") == "1":
+            continue
+        storage.delete_prefix(f"jobs/{job_id}/")
+        store.mark(job_id, output_expired="1", inputs_expired="1")
+        store.append_log(job_id, "retention: output and chunks deleted", now=now)
+        report.outputs_expired.append(job_id)
+    return report
+
+
+def run_reconciler(
+    settings: Settings, stop_event: threading.Event, *, ctx: FarmContext | None = None
+) -> None:
+    """Loop until ``stop_event``: take (or keep) the lock, run a pass, sleep ``reconcile_interval_s``."""
+    ctx = ctx or create_context(settings)
+    token = uuid.uuid4().hex
+    interval_s = settings.reconcile_interval_s
+    lock_ttl_s = max(3 * interval_s, 30.0)
+    try:
+        while not stop_event.is_set():
+            try:
+                if ctx.store.acquire_lock(LOCK_NAME, token, lock_ttl_s):
+                    report = reconcile_once(ctx)
+                    if report.requeued or report.merges:
+                        log.info("reconciler: requeued %s, merges %s", report.requeued, report.merges)
+            except FaceFarmError as exc:  # Redis or storage down: try again next round
+                log.warning("reconciler pass failed: %s", exc)
+            stop_event.wait(interval_s)
+    finally:
+        try:
+            ctx.store.release_lock(LOCK_NAME, token)
+        except FaceFarmError:
+            pass

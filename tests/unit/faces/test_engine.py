@@ -1,0 +1,81 @@
+"""FaceEngine, the pipeline's entry point: output frames, warm-up frames, stats, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from shared.errors import UnknownModelError
+from worker.models.engine import FaceEngine
+
+
+@pytest.fixture(scope="module")
+def engine_frames(astronaut_rgb: np.ndarray) -> np.ndarray:
+    face = cv2.resize(astronaut_rgb, (256, 256), interpolation=cv2.INTER_AREA)
+    return np.stack([face, np.zeros_like(face), face[:, ::-1].copy()])
+
+
+@pytest.fixture(scope="module")
+def classic_engine(face_store: Path, camera_rgb: np.ndarray, detector) -> FaceEngine:
+    return FaceEngine(swapper_name="classic", source_image=camera_rgb, store=face_store, device="cpu", detect_batch=2)
+
+
+def _changed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.any(a != b, axis=-1)
+
+
+def test_engine_swaps_faces_and_leaves_blank_frames_and_background_bit_identical(
+    classic_engine: FaceEngine, engine_frames: np.ndarray
+) -> None:
+    before = classic_engine.stats["faces"]
+    out = classic_engine.process(engine_frames, [True, True, True])
+    assert out.shape == engine_frames.shape and out.dtype == np.uint8
+    assert np.array_equal(out[1], engine_frames[1])
+    for i in (0, 2):
+        changed = _changed(out[i], engine_frames[i])
+        assert changed.any()
+        ys, xs = np.nonzero(changed)
+        # the astronaut's face sits in the upper middle at this size; nothing else may change
+        assert 70 < xs.mean() < 190 and ys.mean() < 110
+        assert changed[180:].sum() == 0
+    stats = classic_engine.stats
+    assert stats["faces"] - before == 2
+    assert stats["faces_by_path"]["classic"] >= 2
+    assert set(stats["stage_seconds"]) >= {"detect", "swap"}
+    assert all(v >= 0 for v in stats["stage_seconds"].values())
+
+
+def test_warm_up_frames_come_back_unswapped_and_are_not_counted(
+    classic_engine: FaceEngine, engine_frames: np.ndarray
+) -> None:
+    before = classic_engine.stats["faces"]
+    out = classic_engine.process(engine_frames, [False, True, False])
+    assert np.array_equal(out, engine_frames)
+    assert classic_engine.stats["faces"] == before
+    with pytest.raises(ValueError, match="output_mask"):
+        classic_engine.process(engine_frames, [True])
+
+
+def test_engine_returns_an_empty_batch_unchanged(classic_engine: FaceEngine) -> None:
+    empty = np.zeros((0, 32, 32, 3), dtype=np.uint8)
+    assert classic_engine.process(empty, []).shape == (0, 32, 32, 3)
+
+
+def test_unknown_swapper_and_selector_names_are_refused(face_store: Path, camera_rgb: np.ndarray) -> None:
+    with pytest.raises(UnknownModelError, match="unknown swapper 'deepfake'"):
+        FaceEngine(swapper_name="deepfake", source_image=camera_rgb, store=face_store, device="cpu")
+    with pytest.raises(UnknownModelError, match="face selector"):
+        FaceEngine(swapper_name="classic", source_image=camera_rgb, store=face_store, device="cpu", selector="tallest")
+
+
+def test_inswapper_engine_swaps_with_user_weights(
+    user_store: Path, camera_rgb: np.ndarray, engine_frames: np.ndarray
+) -> None:
+    engine = FaceEngine(swapper_name="inswapper", source_image=camera_rgb, store=user_store, device="cpu")
+    out = engine.process(engine_frames, [True, True, True])
+    assert np.array_equal(out[1], engine_frames[1])
+    assert _changed(out[0], engine_frames[0]).any()
+    assert engine.stats["faces_by_path"] == {"inswapper": 2}

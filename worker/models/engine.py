@@ -1,0 +1,197 @@
+"""FaceEngine: what the pipeline calls per decoded batch (detect -> smooth -> select -> swap -> enhance).
+
+One engine serves one chunk (or several, in order). Warm-up frames (``output_mask`` False) feed the
+tracker/smoother so the first output frame of a chunk matches the previous chunk's last one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shared.errors import GpuOutOfMemoryError, UnknownModelError
+from worker.models.align import estimate_similarity, paste_back, square_mask
+from worker.models.arcface import ArcFaceEmbedder
+from worker.models.detect_mtcnn import MtcnnDetector
+from worker.models.faces import Face, FaceDetector, Swapper
+from worker.models.selection import create_selector
+from worker.models.smoothing import FaceSmoother
+from worker.models.source_face import SourceFace, load_source_face
+
+SWAPPER_NAMES = ("classic", "inswapper", "mesh")
+DETECTOR_NAMES = ("mtcnn", "scrfd")
+# facexlib's FFHQ 512 template (GFPGAN's alignment), insightface landmark order.
+FFHQ_512 = np.array(
+    [[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935], [201.26117, 371.41043], [313.08905, 371.15118]],
+    dtype=np.float64,
+)
+
+
+def create_detector(name: str, store: Path, device: torch.device) -> FaceDetector:
+    """``mtcnn`` (shipped) or ``scrfd`` (user-supplied det_10g.onnx)."""
+    if name == "mtcnn":
+        return MtcnnDetector(store, device)
+    if name == "scrfd":
+        from worker.models.scrfd import ScrfdDetector
+
+        return ScrfdDetector.from_store(store, device)
+    raise UnknownModelError(f"unknown face detector {name!r}; choose one of {', '.join(DETECTOR_NAMES)}")
+
+
+def create_swapper(
+    name: str, source: SourceFace, store: Path, device: torch.device, *, arcface: ArcFaceEmbedder | None = None
+) -> Swapper:
+    """Build the named swapper; ``mesh`` is imported lazily (it lives in its own package)."""
+    if name == "classic":
+        from worker.models.swap_classic import ClassicSwapper
+
+        return ClassicSwapper(source)
+    if name == "inswapper":
+        from worker.models.inswapper import InswapperSwapper
+
+        return InswapperSwapper.from_store(source, store, device, arcface=arcface)
+    if name == "mesh":
+        try:
+            from worker.models.mesh.swapper import MeshSwapper
+        except ImportError as exc:
+            raise UnknownModelError(
+                f"the mesh swapper is not available in this installation ({exc}); use --swapper classic"
+            ) from exc
+        return MeshSwapper(source.image, source.face, store, device)  # type: ignore[return-value]
+    raise UnknownModelError(f"unknown swapper {name!r}; choose one of {', '.join(SWAPPER_NAMES)}")
+
+
+class FaceEngine:
+    """Swaps the source face into batches of frames, with tracking state across calls."""
+
+    def __init__(
+        self,
+        *,
+        swapper_name: str,
+        source_image: np.ndarray,
+        store: Path,
+        device: torch.device | str,
+        selector: str = "all",
+        reference_image: np.ndarray | None = None,
+        reference_distance: float = 1.0,
+        enhance_crops: Callable[[np.ndarray], np.ndarray] | None = None,
+        detect_batch: int = 8,
+        detector: str = "mtcnn",
+        enhance_size_px: int = 512,
+        smoothing: bool = True,
+    ) -> None:
+        if swapper_name not in SWAPPER_NAMES:
+            raise UnknownModelError(f"unknown swapper {swapper_name!r}; choose one of {', '.join(SWAPPER_NAMES)}")
+        self.device = torch.device(device)
+        self.store = Path(store)
+        self.detect_batch = max(1, detect_batch)
+        self.detector = create_detector(detector, self.store, self.device)
+        self.source = load_source_face(source_image, self.detector)
+        # inswapper and the reference selector share one ArcFace network.
+        arcface = ArcFaceEmbedder.from_store(self.store, self.device) if swapper_name == "inswapper" else None
+        self.selector = create_selector(
+            selector,
+            store=self.store,
+            device=self.device,
+            detector=self.detector,
+            reference_image=reference_image,
+            reference_distance=reference_distance,
+            embedder=arcface,
+        )
+        self.swapper = create_swapper(swapper_name, self.source, self.store, self.device, arcface=arcface)
+        # The mesh swapper tracks and smooths on its own, so it must see the warm-up frames too.
+        self._swap_warmup = swapper_name == "mesh"
+        self.smoother = FaceSmoother() if smoothing else None
+        self.enhance_crops = enhance_crops
+        self.enhance_size_px = enhance_size_px
+        self._faces = 0
+        self._by_path: Counter[str] = Counter()
+        self._seconds: dict[str, float] = {"detect": 0.0, "swap": 0.0}
+        if enhance_crops is not None:
+            self._seconds["enhance"] = 0.0
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Faces swapped on output frames, by path, and seconds spent per stage."""
+        return {
+            "faces": self._faces,
+            "faces_by_path": dict(self._by_path),
+            "stage_seconds": dict(self._seconds),
+        }
+
+    def detect(self, frames: np.ndarray) -> list[list[Face]]:
+        """Raw detections, in sub-batches of ``detect_batch`` frames."""
+        faces: list[list[Face]] = []
+        for start in range(0, len(frames), self.detect_batch):
+            faces.extend(self.detector.detect(frames[start : start + self.detect_batch]))
+        return faces
+
+    def process(self, frames: np.ndarray, output_mask: Sequence[bool]) -> np.ndarray:
+        """Swapped frames (N,H,W,3) uint8; frames whose ``output_mask`` is False come back unswapped."""
+        if len(output_mask) != len(frames):
+            raise ValueError(f"output_mask has {len(output_mask)} entries for {len(frames)} frames")
+        try:
+            return self._process(frames, output_mask)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise GpuOutOfMemoryError(
+                f"CUDA out of memory in the face stage on {self.device} ({len(frames)} frames)"
+            ) from exc
+
+    def _process(self, frames: np.ndarray, output_mask: Sequence[bool]) -> np.ndarray:
+        result = np.array(frames, dtype=np.uint8, copy=True)
+        if len(frames) == 0:
+            return result
+        t0 = time.perf_counter()
+        detections = self.detect(frames)
+        if self.smoother is not None:
+            detections = [self.smoother.update(f) for f in detections]
+        self._seconds["detect"] += time.perf_counter() - t0
+
+        wanted = [i for i, keep in enumerate(output_mask) if keep or self._swap_warmup]
+        if not wanted:
+            return result
+        t0 = time.perf_counter()
+        batch = frames[wanted]
+        selected = self.selector.select(batch, [detections[i] for i in wanted])
+        outputs = self.swapper.swap_batch(batch, selected)
+        self._seconds["swap"] += time.perf_counter() - t0
+
+        for j, i in enumerate(wanted):
+            if not output_mask[i]:
+                continue
+            frame = outputs[j].frame
+            self._faces += len(outputs[j].paths)
+            self._by_path.update(outputs[j].paths)
+            if self.enhance_crops is not None and selected[j]:
+                t0 = time.perf_counter()
+                frame = self._enhance(frame, selected[j])
+                self._seconds["enhance"] += time.perf_counter() - t0
+            result[i] = frame
+        return result
+
+    def _enhance(self, frame: np.ndarray, faces: Sequence[Face]) -> np.ndarray:
+        """Restore each swapped face with the enhancer on FFHQ-aligned crops, pasted back softly."""
+        import cv2
+
+        assert self.enhance_crops is not None
+        size = self.enhance_size_px
+        template = FFHQ_512 * (size / 512.0)
+        matrices = [estimate_similarity(f.landmarks, template) for f in faces]
+        crops = np.stack(
+            [
+                cv2.warpAffine(frame, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+                for m in matrices
+            ]
+        )
+        restored = self.enhance_crops(crops)
+        mask = square_mask(size, erode_frac=0.06, blur_frac=0.04)
+        out = frame
+        for crop, m in zip(restored, matrices, strict=True):
+            out, _ = paste_back(out, crop, mask, m)
+        return out

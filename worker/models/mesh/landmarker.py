@@ -1,0 +1,198 @@
+"""MediaPipe's 468-point face mesh on rotated square crops, batched over all faces of a batch of frames.
+
+The crop recipe copies MediaPipe's legacy FaceMesh graph: a square ROI rotated to the eye line, 1.5x the
+face, warped to 192x192 with replicated borders, RGB in [0,1]. Points come back in frame pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from shared.model_store import require_file
+from worker.models.faces import Face
+from worker.models.mesh.tflite_loader import TfliteModule, load_tflite
+
+LANDMARK_FILE = "face_landmark.tflite"
+INPUT_PX = 192
+POINTS = 468
+ROI_SCALE = 1.5
+# Mesh indices MediaPipe uses for the tracking ROI's rotation (outer eye corners, image-left first).
+EYE_CORNER_LEFT_IMG, EYE_CORNER_RIGHT_IMG = 33, 263
+
+
+@dataclass(frozen=True)
+class FaceRoi:
+    """A square crop rotated so the eyes are level: what the landmark net sees for one face."""
+
+    frame_index: int
+    centre_x: float
+    centre_y: float
+    side_px: float
+    angle_rad: float  # direction of the eye line (image-left eye -> image-right eye), y down
+
+    def crop_matrix(self, size_px: int = INPUT_PX) -> np.ndarray:
+        """(2,3) affine taking frame pixels to crop pixels (crop x runs along the eye line)."""
+        c, s = math.cos(self.angle_rad), math.sin(self.angle_rad)
+        k = size_px / self.side_px
+        rot = np.array([[c, s], [-s, c]]) * k
+        t = np.array([size_px / 2.0, size_px / 2.0]) - rot @ np.array([self.centre_x, self.centre_y])
+        return np.concatenate([rot, t[:, None]], axis=1)
+
+
+def eye_line_angle(left_eye: np.ndarray, right_eye: np.ndarray) -> float:
+    """Angle of the eye line in y-down image coordinates (0 = level)."""
+    d = np.asarray(right_eye, np.float64) - np.asarray(left_eye, np.float64)
+    return math.atan2(float(d[1]), float(d[0]))
+
+
+def roi_from_face(face: Face, frame_index: int) -> FaceRoi:
+    """Seed crop from an MTCNN face: box centre and size, rotation from its two eye points."""
+    x1, y1, x2, y2 = (float(v) for v in face.box)
+    angle = eye_line_angle(face.landmarks[0], face.landmarks[1])
+    side = ROI_SCALE * max(x2 - x1, y2 - y1)
+    return FaceRoi(frame_index, (x1 + x2) / 2.0, (y1 + y2) / 2.0, side, angle)
+
+
+def roi_from_points(points: np.ndarray, frame_index: int) -> FaceRoi:
+    """MediaPipe's tracking ROI: bounding box of the mesh, 1.5x, square, rotated by points 33 -> 263."""
+    xy = np.asarray(points, np.float64)[:, :2]
+    lo, hi = xy.min(axis=0), xy.max(axis=0)
+    angle = eye_line_angle(xy[EYE_CORNER_LEFT_IMG], xy[EYE_CORNER_RIGHT_IMG])
+    side = ROI_SCALE * float(max(hi - lo))
+    centre = (lo + hi) / 2.0
+    return FaceRoi(frame_index, float(centre[0]), float(centre[1]), side, angle)
+
+
+def cut_crop(frame: np.ndarray, roi: FaceRoi) -> np.ndarray:
+    """The 192x192 RGB crop for one ROI (bilinear, replicated border, as MediaPipe does)."""
+    return cv2.warpAffine(
+        frame, roi.crop_matrix(), (INPUT_PX, INPUT_PX), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+    )
+
+
+def project_points(crop_points: np.ndarray, roi: FaceRoi) -> np.ndarray:
+    """Crop-pixel (x, y, z) -> frame pixels; z scales with the crop like x and y."""
+    inv = cv2.invertAffineTransform(roi.crop_matrix())
+    out = np.empty_like(crop_points, dtype=np.float64)
+    out[:, :2] = crop_points[:, :2] @ inv[:, :2].T + inv[:, 2]
+    out[:, 2] = crop_points[:, 2] * roi.side_px / INPUT_PX
+    return out
+
+
+def load_landmark_net(store: Path, device: torch.device | str, dtype: torch.dtype = torch.float32) -> TfliteModule:
+    """The face_landmark.tflite graph as a torch module on ``device`` (channels_last, ``dtype``)."""
+    net = load_tflite(require_file(store, LANDMARK_FILE))
+    return net.to(device=torch.device(device), dtype=dtype).to(memory_format=torch.channels_last)
+
+
+class FaceMeshLandmarker:
+    """468 landmarks per face crop; every crop of a call runs through the network as one batch."""
+
+    def __init__(
+        self,
+        store: Path,
+        device: torch.device | str,
+        *,
+        dtype: torch.dtype = torch.float32,
+        max_batch: int = 64,
+    ) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.max_batch = max_batch
+        self.net = load_landmark_net(store, self.device, dtype)
+
+    @torch.inference_mode()
+    def run_crops(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw net outputs for (N,192,192,3) uint8 crops: points (N,468,3) in crop px and presence (N,)."""
+        points, presence = [], []
+        for start in range(0, len(crops), self.max_batch):
+            chunk = torch.from_numpy(np.ascontiguousarray(crops[start : start + self.max_batch]))
+            x = chunk.to(self.device).permute(0, 3, 1, 2).to(self.dtype).div_(255.0)
+            x = x.contiguous(memory_format=torch.channels_last)
+            mesh, flag = self.net(x)
+            points.append(mesh.float().reshape(-1, POINTS, 3).cpu().numpy())
+            presence.append(torch.sigmoid(flag.float().reshape(-1)).cpu().numpy())
+        if not points:
+            return np.zeros((0, POINTS, 3), np.float32), np.zeros((0,), np.float32)
+        return np.concatenate(points), np.concatenate(presence)
+
+    def landmarks(
+        self, frames: Sequence[np.ndarray] | np.ndarray, crops: Sequence[FaceRoi]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Points (N,468,3) in frame pixels and presence (N,) in [0,1], one row per crop ROI."""
+        if not crops:
+            return np.zeros((0, POINTS, 3), np.float64), np.zeros((0,), np.float32)
+        images = np.stack([cut_crop(frames[roi.frame_index], roi) for roi in crops])
+        raw, presence = self.run_crops(images)
+        points = np.stack([project_points(p, roi) for p, roi in zip(raw, crops, strict=True)])
+        return points, presence
+
+    def landmarks_refined(
+        self, frames: Sequence[np.ndarray] | np.ndarray, crops: Sequence[FaceRoi]
+    ) -> tuple[np.ndarray, np.ndarray, list[FaceRoi]]:
+        """Two batched passes: seed crops, then MediaPipe's tracking ROI from the first pass's mesh.
+
+        The second crop matches what the net was trained on far better than any detector box does.
+        """
+        points, presence = self.landmarks(frames, crops)
+        second = [roi_from_points(p, roi.frame_index) for p, roi in zip(points, crops, strict=True)]
+        points2, presence2 = self.landmarks(frames, second)
+        return points2, presence2, second
+
+
+def benchmark_landmarks(
+    device: str = "cuda",
+    batch: int = 16,
+    dtype: str = "float16",
+    *,
+    store: Path | None = None,
+    iterations: int = 50,
+    compile_net: bool = False,
+) -> dict[str, float | int | str]:
+    """Landmark-net throughput on random 192x192 crops: ms per batch and faces per second.
+
+    Random weights are never used: the real net from ``store`` (default: settings' model store).
+    """
+    import time
+
+    if store is None:
+        from shared.settings import get_settings
+
+        store = Path(get_settings().model_store)
+    torch_dtype = getattr(torch, dtype)
+    dev = torch.device(device)
+    net = load_landmark_net(store, dev, torch_dtype)
+    if compile_net:
+        net = torch.compile(net)  # type: ignore[assignment]
+    x = torch.rand(batch, 3, INPUT_PX, INPUT_PX, device=dev, dtype=torch_dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    with torch.inference_mode():
+        for _ in range(5):
+            net(x)
+        sync()
+        start = time.perf_counter()
+        for _ in range(iterations):
+            net(x)
+        sync()
+        elapsed = time.perf_counter() - start
+    ms_per_batch = 1000.0 * elapsed / iterations
+    return {
+        "device": str(dev),
+        "dtype": dtype,
+        "batch": batch,
+        "compiled": int(compile_net),
+        "ms_per_batch": ms_per_batch,
+        "faces_per_s": batch * 1000.0 / ms_per_batch,
+    }

@@ -1,0 +1,223 @@
+"""Render one chunk: decode → detect/swap (→ enhance) → super-resolve → encode, as plain Python.
+
+No Celery, Redis or storage here: the task shell passes in where to read and write, and callables
+for progress, cancellation and logs. Decode and encode run in their own threads behind bounded
+queues so the device never waits on the CPU codec (and memory stays bounded to a few batches).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.errors import InvalidVideoError, JobCancelledError
+from shared.schemas import ChunkSpec, ChunkStats, JobOptions
+from shared.settings import Settings
+from worker.frames import FrameBatch, count_frames, decode_range, open_encoder
+from worker.models.engine import FaceEngine
+from worker.models.source_face import decode_image
+from worker.session import RenderSession, get_session
+
+_QUEUE_BATCHES = 3
+_SENTINEL: Any = object()
+
+
+@dataclass
+class _StageClock:
+    """Per-stage wall seconds, summed over batches."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, since: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - since
+
+
+def render_chunk(
+    spec: ChunkSpec,
+    *,
+    source: str,
+    face_path: Path,
+    output_path: Path,
+    settings: Settings,
+    on_progress: Callable[[int], None],
+    should_stop: Callable[[], bool],
+    log: Callable[[str], None],
+    reference_path: Path | None = None,
+) -> ChunkStats:
+    """Render ``spec``'s frame range of ``source`` into ``output_path`` (a complete, validated file).
+
+    Raises ``JobCancelledError`` when ``should_stop()`` turns true between batches, and
+    ``InvalidVideoError`` when the decoded or encoded frame count differs from the plan.
+    """
+    session = get_session(settings)
+    clock = _StageClock()
+    engine = create_face_engine(spec.options, face_path, reference_path, session)
+    sr_step = session.super_resolver(spec.options) if spec.options.upscale > 1 else None
+    if sr_step is not None:
+        log(session.describe_super_resolution(spec.options, spec.encoder.width, spec.encoder.height))
+
+    frames_done = 0
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    with open_encoder(output_path, spec.encoder) as encoder:
+        encode_queue: queue.Queue[Any] = queue.Queue(maxsize=_QUEUE_BATCHES)
+        encode_errors: list[BaseException] = []
+        encoder_thread = threading.Thread(
+            target=_encode_loop, args=(encoder, encode_queue, encode_errors, clock), daemon=True,
+            name=f"encode-{spec.job_id}-{spec.index}",
+        )
+        encoder_thread.start()
+        try:
+            for batch in _prefetched(_decode(spec, source, settings), clock):
+                if should_stop():
+                    raise JobCancelledError(f"job {spec.job_id} was cancelled", job_id=spec.job_id)
+                if encode_errors:
+                    raise encode_errors[0]
+                started = time.perf_counter()
+                swapped = engine.process(batch.frames, batch.output_mask)
+                clock.add("faces", started)
+                keep = [i for i, out in enumerate(batch.output_mask) if out]
+                if not keep:
+                    continue
+                frames = swapped[keep]
+                if sr_step is not None:
+                    started = time.perf_counter()
+                    frames = sr_step(frames)
+                    clock.add("super_res", started)
+                _put(encode_queue, (frames, [batch.pts[i] for i in keep]), encode_errors)
+                frames_done += len(keep)
+                on_progress(frames_done)
+        finally:
+            _put(encode_queue, _SENTINEL, encode_errors, force=True)
+            encoder_thread.join()
+        if encode_errors:
+            raise encode_errors[0]
+
+    if frames_done != spec.frame_count:
+        raise InvalidVideoError(
+            f"chunk {spec.index} decoded {frames_done} frames but the plan expects {spec.frame_count} "
+            f"(frames {spec.start_frame}..{spec.end_frame - 1}); the source may be truncated or corrupt",
+            job_id=spec.job_id, chunk_index=spec.index,
+        )
+    written = count_frames(output_path)
+    if written != spec.frame_count:
+        raise InvalidVideoError(
+            f"chunk {spec.index} output has {written} frames, expected {spec.frame_count}",
+            job_id=spec.job_id, chunk_index=spec.index,
+        )
+    engine_stats = engine.stats
+    stage_seconds = {**clock.seconds, **{f"faces.{k}": v for k, v in engine_stats.get("stage_seconds", {}).items()}}
+    return ChunkStats(
+        frames=frames_done,
+        faces=int(engine_stats.get("faces", 0)),
+        faces_by_path=dict(engine_stats.get("faces_by_path", {})),
+        stage_seconds={k: round(v, 4) for k, v in stage_seconds.items()},
+        device=str(session.device),
+    )
+
+
+def create_face_engine(
+    options: JobOptions, face_path: Path, reference_path: Path | None, session: RenderSession
+) -> FaceEngine:
+    """The per-job face engine: the source identity is computed once per chunk."""
+    reference = decode_image(reference_path, label="reference image") if reference_path is not None else None
+    return FaceEngine(
+        swapper_name=options.swapper,
+        source_image=decode_image(face_path, label="face image"),
+        store=session.store,
+        device=session.device,
+        selector=options.face_selector,
+        reference_image=reference,
+        reference_distance=options.reference_distance,
+        enhance_crops=session.face_enhancer(options),
+    )
+
+
+def _decode(spec: ChunkSpec, source: str, settings: Settings) -> Iterator[FrameBatch]:
+    return decode_range(
+        source,
+        start_frame=spec.start_frame,
+        end_frame=spec.end_frame,
+        warmup_frames=spec.warmup_frames,
+        seek_pts=spec.seek_pts,
+        seek_frame=spec.seek_frame,
+        batch_frames=settings.batch_frames,
+    )
+
+
+def _prefetched(batches: Iterator[FrameBatch], clock: _StageClock) -> Iterator[FrameBatch]:
+    """Decode ahead in a thread (bounded), so decoding overlaps the device work."""
+    ready: queue.Queue[Any] = queue.Queue(maxsize=_QUEUE_BATCHES)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            while not stop.is_set():
+                started = time.perf_counter()
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    break
+                clock.add("decode", started)
+                while not stop.is_set():
+                    with suppress(queue.Full):
+                        ready.put(batch, timeout=0.1)
+                        break
+        except BaseException as exc:  # handed to the consumer, raised there
+            ready.put(exc)
+            return
+        ready.put(_SENTINEL)
+
+    thread = threading.Thread(target=produce, daemon=True, name="decode")
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _SENTINEL:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        with suppress(queue.Empty):
+            while True:
+                ready.get_nowait()
+        thread.join(timeout=10)
+        close = getattr(batches, "close", None)
+        if close is not None and not thread.is_alive():
+            close()
+
+
+def _encode_loop(encoder: Any, items: queue.Queue[Any], errors: list[BaseException], clock: _StageClock) -> None:
+    while True:
+        item = items.get()
+        if item is _SENTINEL:
+            return
+        if errors:
+            continue  # drain after a failure so the producer never blocks
+        frames, pts = item
+        started = time.perf_counter()
+        try:
+            encoder.write(np.ascontiguousarray(frames), pts)
+        except BaseException as exc:
+            errors.append(exc)
+        clock.add("encode", started)
+
+
+def _put(items: queue.Queue[Any], item: Any, errors: list[BaseException], *, force: bool = False) -> None:
+    """Bounded put that gives up waiting once the encoder has failed (unless ``force``)."""
+    while True:
+        try:
+            items.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            if errors and not force:
+                raise errors[0] from None

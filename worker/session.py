@@ -1,0 +1,201 @@
+"""The render worker's per-process session: device, memory budget, model cache and the SR step.
+
+This is where ``runtime`` (how much memory, which device, what to do on OOM) meets ``models``
+(what to run): one object per worker process, created lazily on the first task in the child
+(never before Celery forks), reused by every chunk that process renders.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from shared.model_store import require_file, resolve_store
+from shared.schemas import JobOptions
+from shared.settings import Settings
+from worker.models.enhancer import FaceEnhancer, enhance_faces, load_face_enhancer
+from worker.models.registry import get_descriptor
+from worker.models.super_res import SrModel, estimate_cpu_seconds, load_sr_model, upscale_frames
+from worker.runtime.budget import (
+    BytesPerPixelCache,
+    MemoryBudget,
+    TilePlan,
+    activation_bytes,
+    plan_tiles,
+    resolve_budget,
+    tiled_frame_bytes,
+)
+from worker.runtime.device import LazyDevice
+from worker.runtime.model_cache import ModelCache
+from worker.runtime.oom import OomCounter, run_with_oom_retry
+from worker.runtime.telemetry import collect_runtime_stats
+
+log = logging.getLogger(__name__)
+
+SR_OVERLAP_PX = 16
+SR_MAX_BATCH = 8
+_CUDA_TILE_CANDIDATES_PX = (2048, 1536, 1024, 768, 512, 384, 256, 192, 128, 96, 64, 48)
+_CPU_TILE_CANDIDATES_PX = (512, 384, 256, 192, 128, 96, 64, 48)
+_CALIBRATION_TILE_PX = 128
+
+SrStep = Callable[[np.ndarray], np.ndarray]
+
+
+class RenderSession:
+    """Everything a render process keeps between chunks; created once, lazily, in the child."""
+
+    def __init__(self, settings: Settings, *, mps_limit: str | None = None) -> None:
+        self.settings = settings
+        self._device = LazyDevice(settings.device)
+        self._mps_limit = mps_limit
+        self._store: Path | None = None
+        self._budget: MemoryBudget | None = None
+        self._cache: ModelCache | None = None
+        self._sr_models: dict[str, SrModel] = {}
+        self._enhancer: FaceEnhancer | None = None
+        self._bytes_per_pixel = BytesPerPixelCache()
+        self.oom = OomCounter()
+        self.tile_override_px: int | None = None  # tests and benchmarks pin the tile
+
+    # ---- resources -----------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self._device.get()
+
+    @property
+    def store(self) -> Path:
+        """The local model store (an ``s3://`` store is synced to a local cache first)."""
+        if self._store is None:
+            cache_dir = Path(self.settings.model_cache_dir)
+            self._store = resolve_store(self.settings.model_store, settings=self.settings, cache_dir=cache_dir)
+        return self._store
+
+    @property
+    def budget(self) -> MemoryBudget:
+        if self._budget is None:
+            self._budget = MemoryBudget(resolve_budget(self.settings, self.device, mps_limit=self._mps_limit))
+            log.info("render session on %s with budget %s", self.device, self._budget)
+        return self._budget
+
+    @property
+    def cache(self) -> ModelCache:
+        """Weights tier for the large per-frame models (SR, enhancer)."""
+        if self._cache is None:
+            self._cache = ModelCache(self.budget, self.device, self._load_module)
+        return self._cache
+
+    def _load_module(self, name: str) -> nn.Module:
+        if name.startswith("sr:"):
+            model = load_sr_model(name[3:], self.store, device="cpu", dtype=self._dtype)
+            self._sr_models[name[3:]] = model
+            return model.net
+        if name == "enhancer:gfpgan":
+            enhancer = load_face_enhancer(require_file(self.store, "GFPGANv1.4.pth"), "cpu", self._dtype)
+            self._enhancer = enhancer
+            return enhancer.net
+        raise KeyError(name)
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return torch.float16 if self.device.type == "cuda" else torch.float32
+
+    # ---- super-resolution --------------------------------------------------------------------
+    def super_resolver(self, options: JobOptions) -> SrStep:
+        """``frames -> upscaled frames`` for this job, tiled to the budget, surviving OOM."""
+        name = options.sr_model
+        key = f"sr:{name}"
+
+        def step(frames: np.ndarray) -> np.ndarray:
+            with self.cache.acquire(key) as net:
+                model = self._placed_sr(name, net)
+                plans = self._sr_plans(model, frames.shape[1], frames.shape[2])
+                return run_with_oom_retry(
+                    lambda plan: self._run_sr(model, frames, options.upscale, plan),
+                    plans,
+                    counter=self.oom,
+                    budget_bytes=self.budget.budget_bytes,
+                )
+
+        return step
+
+    def _placed_sr(self, name: str, net: nn.Module) -> SrModel:
+        base = self._sr_models[name]
+        return SrModel(name=name, net=net, scale=base.scale, device=self.device, dtype=self._dtype)
+
+    def _run_sr(self, model: SrModel, frames: np.ndarray, upscale: int, plan: TilePlan) -> np.ndarray:
+        height, width = frames.shape[1:3]
+        whole = plan.tile_px >= max(height, width)
+        return upscale_frames(
+            model, frames, upscale=upscale,
+            tile_px=None if whole else plan.tile_px,
+            overlap_px=plan.overlap_px, batch=plan.batch,
+        )
+
+    def _sr_plans(self, model: SrModel, height: int, width: int) -> list[TilePlan]:
+        if self.tile_override_px is not None:
+            return [TilePlan(self.tile_override_px, SR_OVERLAP_PX, 1, 0)]
+        descriptor = get_descriptor(model.name)
+        bpp = self._bytes_per_pixel.get(
+            (model.name, str(model.dtype)),
+            lambda px: model.run(torch.rand(1, 3, px, px, device=model.device, dtype=model.dtype)),
+            _CALIBRATION_TILE_PX,
+            device=model.device,
+            declared=float(descriptor.bytes_per_pixel),
+        )
+        free = activation_bytes(self.budget, self.device) - tiled_frame_bytes(height, width, scale=model.scale)
+        candidates = _CUDA_TILE_CANDIDATES_PX if self.device.type == "cuda" else _CPU_TILE_CANDIDATES_PX
+        return plan_tiles(bpp, model.scale, max(free, 0), candidates, SR_OVERLAP_PX, SR_MAX_BATCH)
+
+    def describe_super_resolution(self, options: JobOptions, out_width: int, out_height: int) -> str:
+        """A log line; on the CPU it warns how long the SR step will take."""
+        if self.device.type == "cuda":
+            return f"super-resolution {options.sr_model} x{options.upscale} on {self.device}"
+        in_w, in_h = out_width // options.upscale, out_height // options.upscale
+        per_frame_s = estimate_cpu_seconds(options.sr_model, in_w, in_h, 1)
+        return (
+            f"warning: super-resolution {options.sr_model} on the CPU takes about {per_frame_s:.0f} s per "
+            f"{in_w}x{in_h} frame; use a GPU worker or --sr-model realesr-animevideov3 for speed"
+        )
+
+    # ---- face enhancer -------------------------------------------------------------------------
+    def face_enhancer(self, options: JobOptions) -> Callable[[np.ndarray], np.ndarray] | None:
+        """The enhancer step for swapped face crops, or None when the job asks for none."""
+        if options.face_enhancer == "none":
+            return None
+
+        def enhance(crops: np.ndarray) -> np.ndarray:
+            with self.cache.acquire("enhancer:gfpgan") as net:
+                base = self._enhancer
+                assert base is not None  # set by the cache's loader
+                placed = FaceEnhancer(net=net, size_px=base.size_px, device=self.device, dtype=self._dtype)  # type: ignore[arg-type]
+                return enhance_faces(placed, crops)
+
+        require_file(self.store, "GFPGANv1.4.pth")  # fail the chunk now, with the fix in the message
+        return enhance
+
+    # ---- telemetry -----------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Budget, memory and OOM counters for the worker heartbeat (cheap; no CUDA init)."""
+        if not self._device.resolved or self._budget is None:
+            return {"device": self.settings.device, "oom_recoveries": self.oom.recoveries}
+        return collect_runtime_stats(self.device, budget=self.budget, oom=self.oom, cache=self._cache)
+
+
+_session: RenderSession | None = None
+_session_lock = threading.Lock()
+
+
+def get_session(settings: Settings) -> RenderSession:
+    """The process's session (created on first use, in the process that renders)."""
+    global _session
+    with _session_lock:
+        if _session is None or _session.settings != settings:
+            _session = RenderSession(settings)
+        return _session
