@@ -172,7 +172,9 @@ def _validate(
             f"merged video has {len(pts)} frames, the plan has {expected_frames}; a chunk is incomplete"
         )
     probe_tb = _stream_time_base(path, timeout_s)
-    last_duration = int(rows[-1].get("duration") or 0) if rows and rows[-1].get("duration", "").isdigit() else 0
+    last_duration = (
+        int(rows[-1].get("duration") or 0) if rows and rows[-1].get("duration", "").isdigit() else 0
+    )
     duration_s = float((pts[-1] + last_duration - pts[0]) * probe_tb)
     frame_s = float(1 / info.avg_fps)
     if abs(duration_s - expected_s) > frame_s * 1.01:

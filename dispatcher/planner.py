@@ -215,13 +215,20 @@ def encoder_settings_for(info: VideoInfo, options: JobOptions, settings: Setting
         fps_num=info.avg_fps_num,
         fps_den=info.avg_fps_den,
         threads=settings.encoder_threads,
-        profile="high" if options.codec == "h264" else "main",
+        profile=_profile(options),
         level=codec_level(options.codec, width, height, info.avg_fps),
         color_range=info.color_range or "tv",
         color_space="bt709" if tonemap else info.color_space,
         color_primaries="bt709" if tonemap else info.color_primaries,
         color_trc="bt709" if tonemap else info.color_transfer,
     )
+
+
+def _profile(options: JobOptions) -> str:
+    """x264 encodes lossless (CRF 0) only in its High 4:4:4 Predictive profile."""
+    if options.codec == "h264":
+        return "high444" if options.crf == 0 else "high"
+    return "main"
 
 
 def planning_notes(info: VideoInfo, options: JobOptions) -> list[str]:
@@ -232,7 +239,9 @@ def planning_notes(info: VideoInfo, options: JobOptions) -> list[str]:
     if info.hdr and options.hdr == "tonemap":
         notes.append(f"HDR ({info.color_transfer}) is tone-mapped to SDR BT.709")
     if info.rotation:
-        notes.append(f"rotation {info.rotation} degrees is applied to the pixels; the output has no rotation tag")
+        notes.append(
+            f"rotation {info.rotation} degrees is applied to the pixels; the output has no rotation tag"
+        )
     if info.vfr:
         notes.append("variable frame rate: every frame keeps its source timestamp")
     if info.width % 2 or info.height % 2:
@@ -248,7 +257,9 @@ def frame_range_for(info: VideoInfo, start_s: float | None, end_s: float | None)
     if end_s is None:
         end = info.frame_count
     else:
-        end = bisect.bisect_left(info.frame_pts, info.frame_pts[0] + math.ceil(Fraction(end_s) / info.time_base))
+        end = bisect.bisect_left(
+            info.frame_pts, info.frame_pts[0] + math.ceil(Fraction(end_s) / info.time_base)
+        )
     if start_s is not None and start_s < 0 or end_s is not None and end_s <= 0:
         raise BadInputError(f"--start/--end must be positive seconds, got {start_s}/{end_s}")
     if start >= info.frame_count:

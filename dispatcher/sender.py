@@ -74,7 +74,11 @@ class KombuTaskSender:
         exchange = Exchange(queue, type="direct")
         declare = [Queue(queue, exchange, routing_key=queue)]
         headers = task_message_headers(name, task_id, list(args), argsrepr=argsrepr, eta=eta)
-        body = (list(args), {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None})
+        body: tuple[list[Any], dict[str, Any], dict[str, Any]] = (
+            list(args),
+            {},
+            {"callbacks": None, "errbacks": None, "chain": None, "chord": None},
+        )
         try:
             with self._lock:
                 producer = self._get_connection().Producer(serializer="json")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -425,17 +424,17 @@ def store_cache_dir(location: str) -> Path:
 
 
 def _cmd_swap_image(args: argparse.Namespace) -> int:
-    from worker.models.swap_image import swap_image
-
     from shared.errors import BadInputError
     from shared.schemas import DEFAULT_SWAPPER
+    from worker.models.swap_image import swap_image
+    from worker.runtime.device import select_device
 
     settings = _settings()
     for flag, value in (("--face", args.face), ("TARGET", args.target)):
         if not Path(value).is_file():
             raise BadInputError(f"{flag}: no such file: {value}", path=value)
     store = _local_store(args.store or settings.model_store, settings)
-    device = args.device or settings.device
+    device = select_device(args.device or settings.device)
     swap_image(
         Path(args.face),
         Path(args.target),
@@ -501,15 +500,25 @@ def _cmd_flower(args: argparse.Namespace) -> int:
     import os
 
     settings = _settings()
-    # The child inherits this process's environment (FACEFARM_* included) plus Flower's auth.
-    env = flower_env(settings, dict(os.environ))
-    return subprocess.call(flower_args(settings), env=env)
+    # Flower gets this process's environment (FACEFARM_* included) plus its auth, and replaces
+    # this process, so a supervisor's SIGTERM reaches Flower itself and nothing is orphaned.
+    argv = flower_args(settings)
+    os.execve(argv[0], argv, flower_env(settings, dict(os.environ)))
 
 
 def _cmd_reconciler(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
     from dispatcher.reconciler import run_reconciler
 
-    run_reconciler(_settings())
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        run_reconciler(_settings(), stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return EXIT_OK
 
 

@@ -146,9 +146,6 @@ class FarmClient:
     def status(self, job_id: str) -> JobView:
         return JobView.model_validate(self._request("GET", f"/jobs/{job_id}").json())
 
-    def list(self) -> list[JobView]:
-        return [JobView.model_validate(j) for j in self._request("GET", "/jobs").json()]
-
     def cancel(self, job_id: str) -> JobView:
         return JobView.model_validate(self._request("POST", f"/jobs/{job_id}/cancel").json())
 
@@ -208,6 +205,11 @@ class FarmClient:
         finally:
             partial.unlink(missing_ok=True)
         return target
+
+    # Last in the class: below this line ``list`` names the method, not the builtin.
+    def list(self) -> list[JobView]:
+        """The caller's jobs, newest first."""
+        return [JobView.model_validate(j) for j in self._request("GET", "/jobs").json()]
 
 
 def _upload_part(stack: ExitStack, source: Source) -> tuple[str, IO[bytes]]:

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -38,6 +39,7 @@ from shared.settings import Settings
 EMBEDDED_OWNER = "local"
 START_TIMEOUT_S = 60.0
 STOP_GRACE_S = 8.0
+START_ATTEMPTS = 3
 LOG_TAIL_LINES = 20
 
 # Fields whose embedded values replace the user's: the farm is private to this run.
@@ -97,7 +99,8 @@ def redis_args(port: int, workdir: Path) -> list[str]:
 
 
 def api_args(python: str = sys.executable) -> list[str]:
-    return [python, "-m", "dispatcher"]
+    """``facefarm api``: host, port and token hashes come from the FACEFARM_* environment."""
+    return [python, "-m", "facefarm", "api"]
 
 
 def celery_worker_args(app: str, queue: str, name: str, python: str = sys.executable) -> list[str]:
@@ -250,6 +253,38 @@ def wait_for_api(child: Child, api_url: str, timeout_s: float = START_TIMEOUT_S)
     raise BrokerUnavailableError(f"embedded API did not become healthy at {api_url} in {timeout_s:g} s")
 
 
+def port_taken(port: int) -> bool:
+    """True if something else now listens on ``port`` (a service lost the race for it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def start_on_free_port(
+    start: Callable[[int], Child],
+    wait: Callable[[Child, int], None],
+    children: list[Child],
+    attempts: int = START_ATTEMPTS,
+) -> int:
+    """Start a listening service on a free port; if another process grabbed the port between our
+    check and the service's bind, stop it and try a fresh port. Returns the port it listens on."""
+    for attempt in range(1, attempts + 1):
+        port = free_port()
+        child = start(port)
+        try:
+            wait(child, port)
+            return port
+        except BrokerUnavailableError:
+            stop_children([child])
+            children.remove(child)
+            if attempt == attempts or not port_taken(port):
+                raise
+    raise AssertionError("unreachable: the last attempt re-raises")
+
+
 def child_env(farm_env: Mapping[str, str], project_root: Path) -> dict[str, str]:
     """The children's environment: ours without any FACEFARM_* of the caller, plus the farm's."""
     # Inherit PATH, HOME, locale, CUDA variables; the farm's configuration comes only from farm_env.
@@ -265,12 +300,22 @@ def _terminate_on_signals() -> Iterator[None]:
     def _raise(signum: int, _frame: FrameType | None) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = {sig: signal.signal(sig, _raise) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    with _signals_set_to(_raise, (signal.SIGTERM, signal.SIGHUP)):
+        yield
+
+
+@contextmanager
+def _signals_set_to(handler: Any, signals: tuple[signal.Signals, ...]) -> Iterator[None]:
+    """Temporarily handle ``signals`` with ``handler`` (only the main thread may; others skip it)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 @contextmanager
@@ -283,46 +328,50 @@ def run_embedded_farm(settings: Settings, *, use_gpu: bool, debug: bool = False)
     try:
         with _terminate_on_signals():
             token, token_hash = create_token()
-            redis_port, api_port = free_port(), free_port()
             device = "cuda" if use_gpu and gpu_present() else "cpu"
-            values = embedded_settings(
-                settings,
-                redis_port=redis_port,
-                api_port=api_port,
-                storage_dir=workdir / "storage",
-                token_hash=token_hash,
-                device=device,
-            )
             (workdir / "storage").mkdir()
-            env = child_env(settings_env(values), Path(__file__).resolve().parent.parent)
+            root = Path(__file__).resolve().parent.parent
 
-            def start(name: str, args: list[str]) -> Child:
-                return start_child(name, args, env=env, workdir=workdir, inherit_output=debug)
+            def env_for(redis_port: int, api_port: int) -> dict[str, str]:
+                values = embedded_settings(
+                    settings,
+                    redis_port=redis_port,
+                    api_port=api_port,
+                    storage_dir=workdir / "storage",
+                    token_hash=token_hash,
+                    device=device,
+                )
+                return child_env(settings_env(values), root)
 
-            children.append(start("redis-server", redis_args(redis_port, workdir)))
-            wait_for_redis(children[-1], redis_port)
+            def start(name: str, args: list[str], env: Mapping[str, str]) -> Child:
+                child = start_child(name, args, env=env, workdir=workdir, inherit_output=debug)
+                children.append(child)
+                return child
+
+            redis_port = start_on_free_port(
+                lambda port: start("redis-server", redis_args(port, workdir), env_for(port, 0)),
+                wait_for_redis,
+                children,
+            )
+            api_port = start_on_free_port(
+                lambda port: start("API", api_args(), env_for(redis_port, port)),
+                lambda child, port: wait_for_api(child, f"http://127.0.0.1:{port}"),
+                children,
+            )
+            env = env_for(redis_port, api_port)
             tag = uuid.uuid4().hex[:8]
-            children.append(start("API", api_args()))
-            children.append(
-                start("CPU worker", celery_worker_args("dispatcher.celery_app", CPU_QUEUE, f"cpu-{tag}"))
-            )
-            children.append(
-                start("render worker", celery_worker_args("worker.celery_app", GPU_QUEUE, f"render-{tag}"))
-            )
+            start("CPU worker", celery_worker_args("dispatcher.celery_app", CPU_QUEUE, f"cpu-{tag}"), env)
+            start("render worker", celery_worker_args("worker.celery_app", GPU_QUEUE, f"render-{tag}"), env)
             api_url = f"http://127.0.0.1:{api_port}"
-            wait_for_api(children[1], api_url)
             farm = EmbeddedFarm(workdir=workdir, api_url=api_url, token=token, children=children)
             farm.check_alive()
             yield farm
     finally:
-        # Workers first (they hold tasks), then the API, then Redis; a second Ctrl-C cannot cut
-        # the teardown short and leave strays.
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
+        # Workers first (they hold tasks), then the API, then Redis; a second Ctrl-C or a SIGTERM
+        # cannot cut the (bounded) teardown short and leave strays.
+        with _signals_set_to(signal.SIG_IGN, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)):
             stop_children(list(reversed(children)))
             shutil.rmtree(workdir, ignore_errors=True)
-        finally:
-            signal.signal(signal.SIGINT, previous)
 
 
 def render_embedded(

@@ -54,8 +54,16 @@ def packet_scan_args(source: str, stream_index: int) -> list[str]:
 def stream_time_base_args(source: str, stream_index: int) -> list[str]:
     """The time base of one stream, printed bare (``1/30000``)."""
     return [
-        FFPROBE, "-v", "error", "-select_streams", str(stream_index),
-        "-show_entries", "stream=time_base", "-of", "default=nw=1:nk=1", source,
+        FFPROBE,
+        "-v",
+        "error",
+        "-select_streams",
+        str(stream_index),
+        "-show_entries",
+        "stream=time_base",
+        "-of",
+        "default=nw=1:nk=1",
+        source,
     ]
 
 
@@ -79,7 +87,19 @@ def packet_hash_args(source: str, stream_spec: str) -> list[str]:
 
 def framemd5_args(source: str, stream_spec: str = "v:0") -> list[str]:
     """Decoded-frame hashes of one stream (determinism checks), written to stdout."""
-    return [FFMPEG, "-v", "error", "-nostdin", "-i", source, "-map", f"0:{stream_spec}", "-f", "framemd5", "-"]
+    return [
+        FFMPEG,
+        "-v",
+        "error",
+        "-nostdin",
+        "-i",
+        source,
+        "-map",
+        f"0:{stream_spec}",
+        "-f",
+        "framemd5",
+        "-",
+    ]
 
 
 @dataclass(frozen=True)
@@ -147,8 +167,9 @@ def merge_args(
     Whole video (``source_window_s`` None): ``-copyts`` keeps every source timestamp as read, and
     ``-itsoffset video_start_s`` moves the concat output (which starts at 0) onto the source's
     first video timestamp, so output PTS == source PTS and the A/V offset is the source's.
-    Part of the video: the source is read from ``source_window_s`` (seconds after the file's start
-    time, as ``-ss``/``-to`` count) and both inputs start at 0. No rotation is written.
+    Part of the video: the source is read from ``source_window_s[0]`` (seconds after the file's
+    start time, as ``-ss`` counts), both inputs start at 0 and the output is cut at the window's
+    length (input ``-to`` miscounts stream-copied audio pre-roll). No rotation is written.
     """
     args = [FFMPEG, "-v", "error", "-nostdin", "-y"]
     if source_window_s is None:
@@ -157,8 +178,7 @@ def merge_args(
             args += ["-itsoffset", seconds_arg(video_start_s)]
     args += ["-f", "concat", "-safe", "0", "-i", str(concat_list)]
     if source_window_s is not None:
-        start_s, end_s = source_window_s
-        args += ["-ss", seconds_arg(start_s), "-to", seconds_arg(end_s)]
+        args += ["-ss", seconds_arg(source_window_s[0])]
     args += ["-i", source]
     args += ["-map", "0:v:0"]
     for index, codec in enumerate(streams.audio_codecs):
@@ -174,6 +194,8 @@ def merge_args(
         args += [f"-c:s:{out_sub}", "mov_text" if mov_text else "copy"]
         out_sub += 1
     args += ["-c:v", "copy", *color_args]
+    if source_window_s is not None:
+        args += ["-t", seconds_arg(source_window_s[1] - source_window_s[0])]
     args += ["-map_metadata", "1", "-map_chapters", "1"]
     args += ["-metadata", f"comment={label}", "-metadata", f"description={label}"]
     if container in MP4_FAMILY:
@@ -219,11 +241,12 @@ def raw_encode_args(
     args = [FFMPEG, "-v", "error", "-nostdin", "-y"]
     args += ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-framerate", fps, "-i", "-"]
     if audio:
-        args += ["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000"]
+        seconds = float(frames / Fraction(fps))
+        args += ["-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=48000:duration={seconds:.6f}"]
     args += ["-map", "0:v"]
     if audio:
-        args += ["-map", "1:a", "-c:a", "aac", "-b:a", "64k", "-shortest"]
-    args += ["-frames:v", str(frames), "-c:v", codec, "-pix_fmt", pix_fmt]
+        args += ["-map", "1:a", "-c:a", "aac", "-b:a", "64k"]
+    args += ["-c:v", codec, "-pix_fmt", pix_fmt]  # stdin holds exactly `frames` frames
     if codec == "libx264":
         args += ["-x264-params", f"keyint={keyint}:min-keyint={keyint}:scenecut=0"]
     args += [*extra_output, str(output)]
@@ -252,7 +275,7 @@ def run_ffmpeg(
     except subprocess.TimeoutExpired as exc:
         tail = _tail(exc.stderr)
         raise ExternalToolError(
-            f"{tool} did not finish within {timeout_s:.0f} s", stderr_tail=tail, args=list(args)
+            f"{tool} did not finish within {timeout_s:.0f} s", stderr_tail=tail, command=list(args)
         ) from exc
     if done.returncode != 0:
         tail = _tail(done.stderr)
@@ -260,7 +283,7 @@ def run_ffmpeg(
         if user_input is not None:
             raise InvalidVideoError(f"{user_input}: not a readable media file ({last})", stderr_tail=tail)
         raise ExternalToolError(
-            f"{tool} failed with exit code {done.returncode}: {last}", stderr_tail=tail, args=list(args)
+            f"{tool} failed with exit code {done.returncode}: {last}", stderr_tail=tail, command=list(args)
         )
     return done
 

@@ -125,7 +125,7 @@ def probe(source: str) -> VideoInfo:
     try:
         headers = run_ffmpeg(probe_args(source), timeout_s=PROBE_TIMEOUT_S, user_input=name)
     except InvalidVideoError as exc:
-        if "moov atom not found" in str(exc.context.get("stderr_tail", "")):
+        if "moov atom not found" in str(exc.context.get("stderr_tail", "")) and _looks_like_mp4(source):
             raise InvalidVideoError(
                 f"{name}: truncated: the MP4 index (moov atom) is missing; the upload was cut short "
                 "or the recording was never finalised"
@@ -150,8 +150,21 @@ def _check_local_file(source: str, name: str) -> None:
         raise InvalidVideoError(f"{name}: empty file (0 bytes), not a video")
 
 
+def _looks_like_mp4(source: str) -> bool:
+    """Whether a file that lacks its index starts like an MP4 (a cut upload) or is something else."""
+    if "://" in source:
+        return True
+    with open(source, "rb") as handle:
+        head = handle.read(12)
+    return head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip")
+
+
 def parse_packets(text: str) -> list[dict[str, str]]:
-    """Rows of ffprobe's ``compact`` packet output as ``{"pts": "..", "flags": ".."}`` dicts."""
+    """Rows of ffprobe's ``compact`` packet output as ``{"pts": "..", "flags": ".."}`` dicts.
+
+    A packet carrying side data (AAC skip samples, new extradata) is split over two lines by
+    ffprobe; the continuation line starts with ``|`` and belongs to the packet before it.
+    """
     rows: list[dict[str, str]] = []
     for line in text.splitlines():
         if not line.strip():
@@ -161,7 +174,9 @@ def parse_packets(text: str) -> list[dict[str, str]]:
             key, sep, value = field.partition("=")
             if sep:
                 row[key.strip()] = value.strip()
-        if row:
+        if line.startswith("|") and rows:
+            rows[-1].update(row)  # a packet with side data continues on the next line
+        elif row:
             rows.append(row)
     return rows
 
@@ -230,7 +245,9 @@ def parse_probe(
     return VideoInfo(
         source=source,
         container=str(fmt.get("format_name", "")),
-        duration_s=float(fmt.get("duration") or float((frame_pts[-1] + last_duration - frame_pts[0]) * time_base)),
+        duration_s=float(
+            fmt.get("duration") or float((frame_pts[-1] + last_duration - frame_pts[0]) * time_base)
+        ),
         start_time_s=float(fmt.get("start_time") or 0.0),
         stream_index=int(stream["index"]),
         codec=str(stream.get("codec_name", "unknown")),

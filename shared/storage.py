@@ -496,9 +496,9 @@ class _s3_errors:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         if exc is None:
-            return False
+            return
         from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -522,7 +522,6 @@ class _s3_errors:
             raise StorageUnavailableError(
                 f"S3 is not reachable for {self.key!r}: {exc}", key=self.key
             ) from exc
-        return False
 
 
 def _create_s3_client(endpoint_url: str | None, region: str) -> Any:

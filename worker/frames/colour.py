@@ -19,14 +19,50 @@ _MATRIX_BY_AVCOL = {
     10: Colorspace.BT2020,
 }
 # ffprobe/ffmpeg names (av_color_*_name) -> AVColor* values, for tagging the encoder.
-AVCOL_SPACE = {"gbr": 0, "bt709": 1, "fcc": 4, "bt470bg": 5, "smpte170m": 6, "smpte240m": 7,
-               "ycgco": 8, "bt2020nc": 9, "bt2020c": 10}
-AVCOL_PRIMARIES = {"bt709": 1, "bt470m": 4, "bt470bg": 5, "smpte170m": 6, "smpte240m": 7, "film": 8,
-                   "bt2020": 9, "smpte428": 10, "smpte431": 11, "smpte432": 12, "ebu3213": 22}
-AVCOL_TRC = {"bt709": 1, "gamma22": 4, "bt470m": 4, "gamma28": 5, "bt470bg": 5, "smpte170m": 6,
-             "smpte240m": 7, "linear": 8, "log100": 9, "log316": 10, "iec61966-2-4": 11,
-             "bt1361e": 12, "iec61966-2-1": 13, "bt2020-10": 14, "bt2020-12": 15, "smpte2084": 16,
-             "smpte428": 17, "arib-std-b67": 18}
+AVCOL_SPACE = {
+    "gbr": 0,
+    "bt709": 1,
+    "fcc": 4,
+    "bt470bg": 5,
+    "smpte170m": 6,
+    "smpte240m": 7,
+    "ycgco": 8,
+    "bt2020nc": 9,
+    "bt2020c": 10,
+}
+AVCOL_PRIMARIES = {
+    "bt709": 1,
+    "bt470m": 4,
+    "bt470bg": 5,
+    "smpte170m": 6,
+    "smpte240m": 7,
+    "film": 8,
+    "bt2020": 9,
+    "smpte428": 10,
+    "smpte431": 11,
+    "smpte432": 12,
+    "ebu3213": 22,
+}
+AVCOL_TRC = {
+    "bt709": 1,
+    "gamma22": 4,
+    "bt470m": 4,
+    "gamma28": 5,
+    "bt470bg": 5,
+    "smpte170m": 6,
+    "smpte240m": 7,
+    "linear": 8,
+    "log100": 9,
+    "log316": 10,
+    "iec61966-2-4": 11,
+    "bt1361e": 12,
+    "iec61966-2-1": 13,
+    "bt2020-10": 14,
+    "bt2020-12": 15,
+    "smpte2084": 16,
+    "smpte428": 17,
+    "arib-std-b67": 18,
+}
 AVCOL_RANGE = {"tv": 1, "mpeg": 1, "pc": 2, "jpeg": 2}
 
 # Accurate rounding keeps the decode→encode round trip within one code value.

@@ -60,13 +60,17 @@ def decode_range(
     if not 0 <= warmup_frames <= start_frame < end_frame:
         raise ValueError(f"bad chunk range [{start_frame}, {end_frame}) with {warmup_frames} warm-up frames")
     if seek_frame > start_frame - warmup_frames or batch_frames < 1:
-        raise ValueError(f"seek frame {seek_frame} is after the first needed frame {start_frame - warmup_frames}")
+        raise ValueError(
+            f"seek frame {seek_frame} is after the first needed frame {start_frame - warmup_frames}"
+        )
     name = display_name(source)
     first_needed = start_frame - warmup_frames
     planned = end_frame - first_needed
     state = _Progress()
     try:
-        yield from _decode(source, name, first_needed, start_frame, end_frame, seek_pts, seek_frame, batch_frames, state)
+        yield from _decode(
+            source, name, first_needed, start_frame, end_frame, seek_pts, seek_frame, batch_frames, state
+        )
     except _SeekMissed:
         yield from _decode(source, name, first_needed, start_frame, end_frame, None, 0, batch_frames, state)
     if state.emitted < planned:
@@ -130,7 +134,9 @@ def _decode(
         container.close()
 
 
-def _frames(container: InputContainer, stream: VideoStream, name: str, state: _Progress) -> Iterator[VideoFrame]:
+def _frames(
+    container: InputContainer, stream: VideoStream, name: str, state: _Progress
+) -> Iterator[VideoFrame]:
     """Decoded frames in presentation order, skipping (and counting) corrupt packets."""
     bad_in_a_row = 0
     demux = container.demux(stream)
@@ -217,4 +223,3 @@ def _translate(exc: av.error.FFmpegError, name: str, doing: str) -> Exception:
     if isinstance(exc, av.error.HTTPServerError) or (exc.errno in _NETWORK_ERRNOS and "://" in name):
         return StorageUnavailableError(f"{name}: network error while {doing}: {exc}")
     return InvalidVideoError(f"{name}: {doing} failed: {exc}")
-

@@ -35,13 +35,17 @@ from worker.frames.colour import (
 )
 
 GOP_SECONDS = 4  # a keyframe at least this often inside a chunk (seeking in the output)
-CONTAINERS = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska", ".nut": "nut"}
+# MP4/MOV keep the source time base exactly (movie and track timescale pinned to it); Matroska
+# would round every timestamp to 1 ms, so it is not offered.
+CONTAINERS = {".mp4": "mp4", ".mov": "mov"}
 
 
 class ChunkEncoder:
     """Writes upright RGB frames with source timestamps into one chunk file; use as a context manager."""
 
-    def __init__(self, path: Path, container: OutputContainer, stream: VideoStream, settings: EncoderSettings):
+    def __init__(
+        self, path: Path, container: OutputContainer, stream: VideoStream, settings: EncoderSettings
+    ):
         self.path = path
         self._container = container
         self._stream = stream
@@ -145,12 +149,20 @@ class ChunkEncoder:
 
 
 def open_encoder(path: Path, settings: EncoderSettings) -> ChunkEncoder:
-    """A chunk encoder writing ``path`` (container from the suffix: .mp4, .mov, .mkv, .nut)."""
+    """A chunk encoder writing ``path`` (.mp4 or .mov)."""
     container_format = CONTAINERS.get(path.suffix.lower())
     if container_format is None:
         raise ValueError(f"{path}: chunk files must end in one of {sorted(CONTAINERS)}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    container = av.open(str(path), mode="w", format=container_format)
+    timescale = str(settings.time_base_den // math.gcd(settings.time_base_num, settings.time_base_den))
+    # The movie timescale (default 1000) would round the edit list that places the first frame at
+    # its source pts to whole milliseconds; pinning both timescales keeps every pts exact.
+    container = av.open(
+        str(path),
+        mode="w",
+        format=container_format,
+        options={"movie_timescale": timescale, "video_track_timescale": timescale},
+    )
     try:
         stream = container.add_stream(settings.codec, rate=settings.fps)
         _configure(stream, settings)

@@ -83,7 +83,9 @@ def warp_face(
     """
     m = align_matrix(landmarks, size_px)
     border = cv2.BORDER_REPLICATE if replicate_border else cv2.BORDER_CONSTANT
-    crop = cv2.warpAffine(image, m, (size_px, size_px), flags=cv2.INTER_LINEAR, borderMode=border, borderValue=0)
+    crop = cv2.warpAffine(
+        image, m, (size_px, size_px), flags=cv2.INTER_LINEAR, borderMode=border, borderValue=0
+    )
     return crop, m
 
 
@@ -176,8 +178,12 @@ def paste_back(
     roi_inv = inv.copy()
     roi_inv[:, 2] -= (x0, y0)
     roi_w, roi_h = x1 - x0, y1 - y0
-    warped = cv2.warpAffine(crop, roi_inv, (roi_w, roi_h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    m = cv2.warpAffine(crop_mask.astype(np.float32), roi_inv, (roi_w, roi_h), flags=cv2.INTER_LINEAR, borderValue=0.0)
+    warped = cv2.warpAffine(
+        crop, roi_inv, (roi_w, roi_h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+    )
+    m = cv2.warpAffine(
+        crop_mask.astype(np.float32), roi_inv, (roi_w, roi_h), flags=cv2.INTER_LINEAR, borderValue=0.0
+    )
     m = np.clip(m, 0.0, 1.0)
     m[m < MASK_EPS] = 0.0
     if not m.any():

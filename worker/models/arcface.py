@@ -52,7 +52,9 @@ class ArcFaceEmbedder:
             return np.zeros((0, 512), dtype=np.float32)
         outs = []
         for start in range(0, len(crops), self.batch_faces):
-            x = torch.from_numpy(np.ascontiguousarray(crops[start : start + self.batch_faces])).to(self.device)
+            x = torch.from_numpy(np.ascontiguousarray(crops[start : start + self.batch_faces])).to(
+                self.device
+            )
             x = (x.permute(0, 3, 1, 2).float() - self.input_mean) / self.input_std
             out = self.module(x)
             emb = out if isinstance(out, torch.Tensor) else out[0]

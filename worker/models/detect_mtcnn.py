@@ -298,7 +298,9 @@ class MtcnnDetector:
         valid = (ey > y - 1) & (ex > x - 1)
         crops = [
             F.interpolate(
-                imgs[int(inds[k]), :, y[k] - 1 : ey[k], x[k] - 1 : ex[k]][None], size=(size, size), mode="area"
+                imgs[int(inds[k]), :, y[k] - 1 : ey[k], x[k] - 1 : ex[k]][None],
+                size=(size, size),
+                mode="area",
             )
             for k in np.flatnonzero(valid)
         ]

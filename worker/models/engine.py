@@ -28,7 +28,13 @@ SWAPPER_NAMES = ("classic", "inswapper", "mesh")
 DETECTOR_NAMES = ("mtcnn", "scrfd")
 # facexlib's FFHQ 512 template (GFPGAN's alignment), insightface landmark order.
 FFHQ_512 = np.array(
-    [[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935], [201.26117, 371.41043], [313.08905, 371.15118]],
+    [
+        [192.98138, 239.94708],
+        [318.90277, 240.1936],
+        [256.63416, 314.01935],
+        [201.26117, 371.41043],
+        [313.08905, 371.15118],
+    ],
     dtype=np.float64,
 )
 
@@ -45,7 +51,12 @@ def create_detector(name: str, store: Path, device: torch.device) -> FaceDetecto
 
 
 def create_swapper(
-    name: str, source: SourceFace, store: Path, device: torch.device, *, arcface: ArcFaceEmbedder | None = None
+    name: str,
+    source: SourceFace,
+    store: Path,
+    device: torch.device,
+    *,
+    arcface: ArcFaceEmbedder | None = None,
 ) -> Swapper:
     """Build the named swapper; ``mesh`` is imported lazily (it lives in its own package)."""
     if name == "classic":
@@ -87,7 +98,9 @@ class FaceEngine:
         smoothing: bool = True,
     ) -> None:
         if swapper_name not in SWAPPER_NAMES:
-            raise UnknownModelError(f"unknown swapper {swapper_name!r}; choose one of {', '.join(SWAPPER_NAMES)}")
+            raise UnknownModelError(
+                f"unknown swapper {swapper_name!r}; choose one of {', '.join(SWAPPER_NAMES)}"
+            )
         self.device = torch.device(device)
         self.store = Path(store)
         self.detect_batch = max(1, detect_batch)
@@ -185,7 +198,9 @@ class FaceEngine:
         matrices = [estimate_similarity(f.landmarks, template) for f in faces]
         crops = np.stack(
             [
-                cv2.warpAffine(frame, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+                cv2.warpAffine(
+                    frame, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+                )
                 for m in matrices
             ]
         )

@@ -101,9 +101,7 @@ def enhance_faces(model: FaceEnhancer, crops: np.ndarray, *, batch: int = 4) -> 
     """Restore aligned face crops: (N,S,S,3) uint8 RGB -> (N,S,S,3) uint8 RGB, S = size_px."""
     s = model.size_px
     if crops.ndim != 4 or crops.shape[1:] != (s, s, 3) or crops.dtype != np.uint8:
-        raise BadInputError(
-            f"face crops must be (N,{s},{s},3) uint8, got {crops.shape} {crops.dtype}"
-        )
+        raise BadInputError(f"face crops must be (N,{s},{s},3) uint8, got {crops.shape} {crops.dtype}")
     outputs = []
     with torch.inference_mode():
         for start in range(0, len(crops), batch):

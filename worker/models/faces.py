@@ -44,9 +44,7 @@ class Swapper(Protocol):
 
     name: str
 
-    def swap_batch(
-        self, frames: np.ndarray, faces: Sequence[Sequence[Face]]
-    ) -> list[SwapOutput]: ...
+    def swap_batch(self, frames: np.ndarray, faces: Sequence[Sequence[Face]]) -> list[SwapOutput]: ...
 
 
 class FaceDetector(Protocol):

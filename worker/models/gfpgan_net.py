@@ -78,13 +78,9 @@ class ModulatedConv2d(nn.Module):
 class StyleConv(nn.Module):
     """Modulated 3x3 conv + scaled noise + bias + leaky ReLU."""
 
-    def __init__(
-        self, in_channels: int, out_channels: int, num_style_feat: int, *, upsample: bool
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, num_style_feat: int, *, upsample: bool) -> None:
         super().__init__()
-        self.modulated_conv = ModulatedConv2d(
-            in_channels, out_channels, 3, num_style_feat, upsample=upsample
-        )
+        self.modulated_conv = ModulatedConv2d(in_channels, out_channels, 3, num_style_feat, upsample=upsample)
         self.weight = nn.Parameter(torch.zeros(1))  # noise strength
         self.bias = nn.Parameter(torch.zeros(1, out_channels, 1, 1))
 
@@ -100,9 +96,7 @@ class ToRGB(nn.Module):
     def __init__(self, in_channels: int, num_style_feat: int, *, upsample: bool) -> None:
         super().__init__()
         self.upsample = upsample
-        self.modulated_conv = ModulatedConv2d(
-            in_channels, 3, 1, num_style_feat, demodulate=False
-        )
+        self.modulated_conv = ModulatedConv2d(in_channels, 3, 1, num_style_feat, demodulate=False)
         self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
 
     def forward(self, x: Tensor, style: Tensor, skip: Tensor | None = None) -> Tensor:
@@ -267,7 +261,7 @@ class GFPGANv1Clean(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Restore faces: RGB [-1,1] (B,3,S,S) -> RGB about [-1,1] (B,3,S,S)."""
         feat = F.leaky_relu(self.conv_body_first(x), _LRELU)
-        skips = []
+        skips: list[Tensor] = []
         for block in self.conv_body_down:
             feat = block(feat)
             skips.insert(0, feat)

@@ -81,7 +81,12 @@ class InswapperSwapper:
 
     @classmethod
     def from_store(
-        cls, source: SourceFace, store: Path, device: torch.device | str, *, arcface: ArcFaceEmbedder | None = None
+        cls,
+        source: SourceFace,
+        store: Path,
+        device: torch.device | str,
+        *,
+        arcface: ArcFaceEmbedder | None = None,
     ) -> InswapperSwapper:
         """Load both user-supplied files from the store (ModelStoreError says how to add them)."""
         swapper_path = require_file(Path(store), INSWAPPER_FILE)
@@ -94,7 +99,9 @@ class InswapperSwapper:
         outs = []
         latent = torch.from_numpy(self.latent).to(self.device)
         for start in range(0, len(crops), self.batch_faces):
-            part = torch.from_numpy(np.ascontiguousarray(crops[start : start + self.batch_faces])).to(self.device)
+            part = torch.from_numpy(np.ascontiguousarray(crops[start : start + self.batch_faces])).to(
+                self.device
+            )
             target = part.permute(0, 3, 1, 2).float() / 255.0
             source = latent.expand(len(part), -1).contiguous()
             args: list[torch.Tensor] = [target, source]
@@ -126,4 +133,3 @@ class InswapperSwapper:
             np.maximum(out.mask, mask, out=out.mask)
             out.paths.append(self.name)
         return outputs
-

@@ -22,8 +22,7 @@ def load_state_dict_file(path: Path) -> dict[str, Tensor]:
     """Read a ``.pth``/``.pt``/``.safetensors`` file into a flat ``{name: tensor}`` dict."""
     if not path.is_file():
         raise ModelStoreError(
-            f"weight file {path} does not exist; add it with `facefarm models add` or check "
-            "the path",
+            f"weight file {path} does not exist; add it with `facefarm models add` or check the path",
             path=str(path),
         )
     try:

@@ -134,8 +134,7 @@ def read_weights(
             raise ModelStoreError(f"{source}: unsupported ncnn layer type {layer.type}")
     if reader.offset != len(data):
         raise ModelStoreError(
-            f"{source}: {len(data) - reader.offset} bytes left unread; the graph and the "
-            "weights do not match"
+            f"{source}: {len(data) - reader.offset} bytes left unread; the graph and the weights do not match"
         )
     return out
 
@@ -153,9 +152,7 @@ def _convert_srvgg(
     for index, (_, tensors) in enumerate(weights):
         for key, tensor in tensors.items():
             state[f"body.{index}.{key}"] = tensor
-    interp_modes = {
-        layer.int_param(0, 0) for layer in layers if layer.type == "Interp" and layer.bottoms
-    }
+    interp_modes = {layer.int_param(0, 0) for layer in layers if layer.type == "Interp" and layer.bottoms}
     # The residual Interp upsamples by ``upscale``; a trailing Interp (x2/x3 files) downsizes.
     residual_mode = "bilinear" if 2 in interp_modes and 1 not in interp_modes else "nearest"
     num_out_ch = convs[-1]["weight"].shape[0] // (upscale * upscale)
@@ -170,9 +167,7 @@ def _convert_srvgg(
     return ConvertedModel("SRVGGNetCompact", kwargs, state, upscale)
 
 
-def _convert_rrdb(
-    weights: list[tuple[NcnnLayer, dict[str, Tensor]]], source: str
-) -> ConvertedModel:
+def _convert_rrdb(weights: list[tuple[NcnnLayer, dict[str, Tensor]]], source: str) -> ConvertedModel:
     convs = [t for layer, t in weights if layer.type == "Convolution"]
     num_block, rest = divmod(len(convs) - RRDB_EXTRA_CONVS, RRDB_CONVS_PER_BLOCK)
     if rest or num_block < 1:
@@ -205,8 +200,7 @@ def convert_ncnn(param_path: Path, bin_path: Path) -> ConvertedModel:
         data = bin_path.read_bytes()
     except OSError as exc:
         raise ModelStoreError(
-            f"cannot read ncnn model {param_path.name}/{bin_path.name} ({exc}); "
-            "run `facefarm models fetch`"
+            f"cannot read ncnn model {param_path.name}/{bin_path.name} ({exc}); run `facefarm models fetch`"
         ) from exc
     layers = parse_param(text, source=str(param_path))
     weights = read_weights(layers, data, source=str(bin_path))

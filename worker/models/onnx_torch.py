@@ -24,7 +24,9 @@ _IMPORT_LOCK = threading.Lock()
 
 
 def _missing_torchvision(*_args: Any, **_kwargs: Any) -> Any:
-    raise ModelStoreError("this ONNX model uses NMS/RoIAlign ops that need torchvision, which is not available")
+    raise ModelStoreError(
+        "this ONNX model uses NMS/RoIAlign ops that need torchvision, which is not available"
+    )
 
 
 def import_onnx2torch() -> types.ModuleType:
@@ -146,7 +148,9 @@ def graph_input_names(model: Any) -> list[str]:
     return [v.name for v in model.graph.input if v.name not in initializer_names]
 
 
-def convert_onnx(model: Any, device: torch.device, *, check_batch: int = 2, tolerance: float = 1e-4) -> TorchOnnxModel:
+def convert_onnx(
+    model: Any, device: torch.device, *, check_batch: int = 2, tolerance: float = 1e-4
+) -> TorchOnnxModel:
     """Convert to torch on ``device``; batches only if a batch of ``check_batch`` matches per-sample runs."""
     onnx2torch = import_onnx2torch()
     names = graph_input_names(model)
@@ -173,9 +177,7 @@ def convert_onnx(model: Any, device: torch.device, *, check_batch: int = 2, tole
     return wrapped
 
 
-def max_abs_diff_vs_onnxruntime(
-    model: Any, module: TorchOnnxModel, inputs: Sequence[np.ndarray]
-) -> float:
+def max_abs_diff_vs_onnxruntime(model: Any, module: TorchOnnxModel, inputs: Sequence[np.ndarray]) -> float:
     """Run the original graph in onnxruntime (CPU) and the converted module; the worst output diff.
 
     Inputs must have batch 1 (the original graph's fixed batch).
@@ -191,7 +193,9 @@ def max_abs_diff_vs_onnxruntime(
     return max(float(np.abs(r - g.float().cpu().numpy()).max()) for r, g in zip(ref, got, strict=True))
 
 
-def check_against_onnxruntime(model: Any, module: TorchOnnxModel, *, tolerance: float = 1e-3, purpose: str) -> float:
+def check_against_onnxruntime(
+    model: Any, module: TorchOnnxModel, *, tolerance: float = 1e-3, purpose: str
+) -> float:
     """Refuse a conversion that disagrees with onnxruntime on a random batch-1 input."""
     diff = max_abs_diff_vs_onnxruntime(model, module, _sample_inputs(model, 1, seed=2))
     if not diff <= tolerance:

@@ -41,7 +41,9 @@ class ReferenceSelector:
     """Swap the face closest in identity to a reference face (L2 between unit ArcFace embeddings),
     if it is within ``max_distance`` (0 = same, 2 = opposite)."""
 
-    def __init__(self, embedder: ArcFaceEmbedder, reference_embedding: np.ndarray, max_distance: float) -> None:
+    def __init__(
+        self, embedder: ArcFaceEmbedder, reference_embedding: np.ndarray, max_distance: float
+    ) -> None:
         self.embedder = embedder
         self.reference = reference_embedding.reshape(-1).astype(np.float32)
         self.max_distance = max_distance

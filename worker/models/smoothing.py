@@ -101,18 +101,21 @@ class FaceSmoother:
                 continue
             used_tracks.add(ti)
             track_for[fi] = self._tracks[ti]
-        for ti, track in enumerate(self._tracks):
+        for ti, old in enumerate(self._tracks):
             if ti not in used_tracks:
-                track.missed += 1
+                old.missed += 1
         self._tracks = [t for t in self._tracks if t.missed <= self.max_missed]
 
         smoothed: list[Face] = []
         for fi, face in enumerate(faces):
-            track = track_for.get(fi)
-            if track is None:
-                track = _Track(self._next_id, face.box, OneEuroFilter(self.min_cutoff, self.beta, self.d_cutoff))
+            found = track_for.get(fi)
+            if found is None:
+                found = _Track(
+                    self._next_id, face.box, OneEuroFilter(self.min_cutoff, self.beta, self.d_cutoff)
+                )
                 self._next_id += 1
-                self._tracks.append(track)
+                self._tracks.append(found)
+            track = found
             track.missed = 0
             track.box = face.box
             size = math.sqrt(max(face.area_px, 1.0))

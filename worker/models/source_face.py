@@ -33,7 +33,9 @@ def decode_image(data: bytes | Path | str, *, label: str = "image") -> np.ndarra
         try:
             raw = path.read_bytes()
         except OSError as exc:
-            raise InvalidImageError(f"cannot read {label} {path}: {exc.strerror or exc}", path=str(path)) from exc
+            raise InvalidImageError(
+                f"cannot read {label} {path}: {exc.strerror or exc}", path=str(path)
+            ) from exc
     else:
         raw = bytes(data)
     if not raw:

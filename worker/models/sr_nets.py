@@ -122,9 +122,7 @@ class SRVGGNetCompact(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = self.upsampler(self.body(x))
         if self.residual_mode == "bilinear":
-            base = F.interpolate(
-                x, scale_factor=self.upscale, mode="bilinear", align_corners=False
-            )
+            base = F.interpolate(x, scale_factor=self.upscale, mode="bilinear", align_corners=False)
         else:
             base = F.interpolate(x, scale_factor=self.upscale, mode="nearest")
         return out + base

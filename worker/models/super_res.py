@@ -144,9 +144,7 @@ def load_user_sr_model(
 ) -> SrModel:
     """Load a user's RRDBNet/SRVGGNetCompact ``.pth`` or ``.safetensors`` (tensors only)."""
     state = load_state_dict_file(path)
-    net, scale = build_sr_network_from_state(
-        {k: v.float() for k, v in state.items()}, source=str(path)
-    )
+    net, scale = build_sr_network_from_state({k: v.float() for k, v in state.items()}, source=str(path))
     return _place(name or path.stem, net, scale, device, dtype)
 
 

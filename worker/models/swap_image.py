@@ -66,7 +66,12 @@ def swap_image(
     source = decode_image(face_path, label="face image")
     target = decode_image(target_path, label="target image")
     engine = FaceEngine(
-        swapper_name=swapper, source_image=source, store=store, device=device, selector=selector, smoothing=False
+        swapper_name=swapper,
+        source_image=source,
+        store=store,
+        device=device,
+        selector=selector,
+        smoothing=False,
     )
     out = engine.process(target[None], [True])[0]
     stats = engine.stats
@@ -76,4 +81,9 @@ def swap_image(
             "nothing to swap"
         )
     write_labelled_image(out, Path(output_path), label=label)
-    return {**stats, "width": int(target.shape[1]), "height": int(target.shape[0]), "output": str(output_path)}
+    return {
+        **stats,
+        "width": int(target.shape[1]),
+        "height": int(target.shape[0]),
+        "output": str(output_path),
+    }

@@ -44,9 +44,7 @@ def plan_tiles(height: int, width: int, *, tile_px: int, overlap_px: int) -> lis
     if height < 1 or width < 1:
         raise ValueError(f"image size must be positive, got {height}x{width}")
     if tile_px < 1 or overlap_px < 0 or 2 * overlap_px >= tile_px:
-        raise ValueError(
-            f"need tile_px >= 1 and 0 <= 2*overlap_px < tile_px, got {tile_px=} {overlap_px=}"
-        )
+        raise ValueError(f"need tile_px >= 1 and 0 <= 2*overlap_px < tile_px, got {tile_px=} {overlap_px=}")
     ys = _starts(height, tile_px, overlap_px)
     xs = _starts(width, tile_px, overlap_px)
     tile_h, tile_w = min(tile_px, height), min(tile_px, width)
@@ -104,24 +102,16 @@ def run_tiled(
     jobs = [(i, t) for i in range(n) for t in tiles]
     out: Tensor | None = None
     weight_sum = torch.zeros(height * scale, width * scale, device=image.device)
-    weights = {
-        t: tile_weight(t, scale=scale, overlap_px=overlap_px, device=image.device) for t in tiles
-    }
+    weights = {t: tile_weight(t, scale=scale, overlap_px=overlap_px, device=image.device) for t in tiles}
     for start in range(0, len(jobs), batch):
         group = jobs[start : start + batch]
-        crops = torch.stack(
-            [image[i, :, t.y : t.y + t.height, t.x : t.x + t.width] for i, t in group]
-        )
+        crops = torch.stack([image[i, :, t.y : t.y + t.height, t.x : t.x + t.width] for i, t in group])
         result = fn(crops)
         if out is None:
-            out = torch.zeros(
-                n, result.shape[1], height * scale, width * scale, device=image.device
-            )
+            out = torch.zeros(n, result.shape[1], height * scale, width * scale, device=image.device)
         for (i, t), tile_out in zip(group, result, strict=True):
             w = weights[t]
-            ys, xs = slice(t.y * scale, (t.y + t.height) * scale), slice(
-                t.x * scale, (t.x + t.width) * scale
-            )
+            ys, xs = slice(t.y * scale, (t.y + t.height) * scale), slice(t.x * scale, (t.x + t.width) * scale)
             out[i, :, ys, xs] += tile_out.float() * w
             if i == 0:
                 weight_sum[ys, xs] += w

@@ -5,9 +5,10 @@ from __future__ import annotations
 import io
 import json
 
-import pytest
 import httpx
+import pytest
 
+from dispatcher.app import create_app
 from dispatcher.service import FarmContext
 from shared.names import storage_output_key
 from shared.schemas import ChunkSpec, EncoderSettings, JobOptions, JobStatus
@@ -72,14 +73,23 @@ def test_submit_then_status_list_logs_and_audit_for_the_owner(api: httpx.Client)
 
 @pytest.mark.parametrize(
     ("method", "suffix"),
-    [("GET", ""), ("POST", "/cancel"), ("POST", "/retry"), ("GET", "/output"), ("GET", "/logs"), ("GET", "/audit")],
+    [
+        ("GET", ""),
+        ("POST", "/cancel"),
+        ("POST", "/retry"),
+        ("GET", "/output"),
+        ("GET", "/logs"),
+        ("GET", "/audit"),
+    ],
 )
 def test_another_owners_job_is_not_found(api: httpx.Client, method: str, suffix: str) -> None:
     job_id = submit(api, "alice")
     response = api.request(method, f"/jobs/{job_id}{suffix}", headers=auth("bob"))
     assert response.status_code == 404
     assert response.json()["kind"] == "NotFoundError"
-    assert api.get(f"/jobs/{job_id}", headers=auth("alice")).json()["status"] == "QUEUED"  # bob changed nothing
+    assert (
+        api.get(f"/jobs/{job_id}", headers=auth("alice")).json()["status"] == "QUEUED"
+    )  # bob changed nothing
     assert api.get("/jobs", headers=auth("bob")).json() == []
 
 
@@ -101,7 +111,9 @@ def test_healthz_and_metrics_need_no_token_and_show_no_job_data(api: httpx.Clien
     assert "facefarm_store_up 1.0" in metrics.text
     # the queued plan message sits in the cpu queue: no worker is running
     assert 'facefarm_queue_length{queue="cpu"}' in metrics.text
-    cpu_line = next(ln for ln in metrics.text.splitlines() if ln.startswith('facefarm_queue_length{queue="cpu"}'))
+    cpu_line = next(
+        ln for ln in metrics.text.splitlines() if ln.startswith('facefarm_queue_length{queue="cpu"}')
+    )
     assert float(cpu_line.split()[-1]) >= 1
 
 
@@ -178,7 +190,6 @@ def test_openapi_lists_the_job_routes(api: httpx.Client) -> None:
 
 
 def test_an_injected_context_is_used_as_is(api_settings: Settings) -> None:
-    from dispatcher.app import create_app
     from dispatcher.service import create_context
 
     sent: list[tuple[object, ...]] = []
@@ -192,3 +203,24 @@ def test_an_injected_context_is_used_as_is(api_settings: Settings) -> None:
     with serve_in_thread(create_app(api_settings, context=ctx)) as client:
         submit(client, "bob")
     assert [args[0] for args in sent] == ["facefarm.plan_job"]
+
+
+def test_json_submit_adopts_file_uris_inside_the_configured_roots(api_settings: Settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "clip.mp4").write_bytes(b"video bytes")
+    (inputs / "face.png").write_bytes(b"face bytes")
+    settings = api_settings.model_copy(update={"file_roots": [inputs]})
+    with serve_in_thread(create_app(settings)) as client:
+        response = client.post(
+            "/jobs",
+            headers=auth("alice"),
+            json={
+                "video_uri": (inputs / "clip.mp4").as_uri(),
+                "face_uri": (inputs / "face.png").as_uri(),
+                "options": {"swapper": "classic", "crf": 20},
+            },
+        )
+        assert response.status_code == 201, response.text
+        job = client.get(f"/jobs/{response.json()['job_id']}", headers=auth("alice")).json()
+    assert job["options"]["crf"] == 20

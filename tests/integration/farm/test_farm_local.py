@@ -25,7 +25,9 @@ OPTIONS = JobOptions(swapper="classic", upscale=1, face_selector="all")
 JOB_TIMEOUT_S = 240.0
 
 
-def submit(farm: Farm, video: Path, face: Path, *, owner: str = "alice", options: JobOptions = OPTIONS) -> JobView:
+def submit(
+    farm: Farm, video: Path, face: Path, *, owner: str = "alice", options: JobOptions = OPTIONS
+) -> JobView:
     """The video by file:// URI from an allowed root, the face as an upload."""
     local = farm.inputs / video.name
     if not local.exists():
@@ -55,7 +57,9 @@ def wait_until(
             return seen
         time.sleep(0.1)
     logs = "\n".join(service.job_logs(farm.ctx, owner, job_id))
-    raise AssertionError(f"job {job_id} stuck at {seen[-1]}\njob log:\n{logs}\nworkers:\n{farm.worker_logs()}")
+    raise AssertionError(
+        f"job {job_id} stuck at {seen[-1]}\njob log:\n{logs}\nworkers:\n{farm.worker_logs()}"
+    )
 
 
 def finished(view: JobView) -> bool:
@@ -80,7 +84,10 @@ def test_multiface_job_completes_with_every_frame_and_monotonic_progress(
 
     seen = wait_until(local_farm, view.job_id, finished)
     final = seen[-1]
-    assert final.status is JobStatus.COMPLETED, (final, service.job_logs(local_farm.ctx, "alice", view.job_id))
+    assert final.status is JobStatus.COMPLETED, (
+        final,
+        service.job_logs(local_farm.ctx, "alice", view.job_id),
+    )
     progress = [v.frames_done for v in seen]
     assert progress == sorted(progress), progress
     assert final.frames_done == final.frames_total == 45
@@ -103,7 +110,9 @@ def test_multiface_job_completes_with_every_frame_and_monotonic_progress(
         service.get_job(local_farm.ctx, "mallory", view.job_id)
 
 
-def test_bad_input_fails_within_seconds_before_any_render(local_farm: Farm, face_image: Path, tmp_path: Path) -> None:
+def test_bad_input_fails_within_seconds_before_any_render(
+    local_farm: Farm, face_image: Path, tmp_path: Path
+) -> None:
     fake = tmp_path / "holiday.mp4"
     fake.write_text("this is not a video\n" * 50)
     t0 = time.monotonic()
@@ -192,7 +201,9 @@ def test_reconciler_requeues_a_chunk_whose_worker_stalled(
     view = submit(local_farm, multiface_video, face_image)
     job_id = view.job_id
     store = local_farm.ctx.store
-    seen = wait_until(local_farm, job_id, lambda v: v.stats.get("chunks_running", 0) >= 1 or v.status.finished)
+    seen = wait_until(
+        local_farm, job_id, lambda v: v.stats.get("chunks_running", 0) >= 1 or v.status.finished
+    )
     running = [c for c in store.chunks(job_id) if c.status is ChunkStatus.RUNNING]
     if not running:
         pytest.skip(f"job finished before a chunk could be frozen: {seen[-1]}")

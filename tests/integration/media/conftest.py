@@ -37,7 +37,9 @@ def pan_zoom_frames(count: int, width: int = WIDTH, height: int = HEIGHT) -> np.
         crop_w = int(crop_h * width / height)
         y = int(20 + 150 * t)
         x = int(10 + (512 - crop_w - 20) * t)
-        frames[i] = cv2.resize(photo[y : y + crop_h, x : x + crop_w], (width, height), interpolation=cv2.INTER_AREA)
+        frames[i] = cv2.resize(
+            photo[y : y + crop_h, x : x + crop_w], (width, height), interpolation=cv2.INTER_AREA
+        )
     return frames
 
 
@@ -67,7 +69,10 @@ def make_video(
 
 
 def remux(source: Path, path: Path, *options: str) -> Path:
-    run_ffmpeg(["ffmpeg", "-v", "error", "-y", "-i", str(source), "-map", "0", "-c", "copy", *options, str(path)], timeout_s=60)
+    run_ffmpeg(
+        ["ffmpeg", "-v", "error", "-y", "-i", str(source), "-map", "0", "-c", "copy", *options, str(path)],
+        timeout_s=60,
+    )
     return path
 
 
@@ -75,7 +80,18 @@ def ffprobe_packets(path: Path, stream: str, entries: str = "pts,flags") -> list
     from shared.media import parse_packets
 
     done = run_ffmpeg(
-        ["ffprobe", "-v", "error", "-select_streams", stream, "-show_entries", f"packet={entries}", "-of", "compact=p=0:nk=0", str(path)],
+        [
+            "ffprobe",
+            "-v",
+            "error",
+            "-select_streams",
+            stream,
+            "-show_entries",
+            f"packet={entries}",
+            "-of",
+            "compact=p=0:nk=0",
+            str(path),
+        ],
         timeout_s=60,
     )
     return parse_packets(done.stdout.decode())
@@ -83,7 +99,18 @@ def ffprobe_packets(path: Path, stream: str, entries: str = "pts,flags") -> list
 
 def ffprobe_stream(path: Path, stream: str, entries: str) -> dict[str, str]:
     done = run_ffmpeg(
-        ["ffprobe", "-v", "error", "-select_streams", stream, "-show_entries", f"stream={entries}", "-of", "default=nw=1", str(path)],
+        [
+            "ffprobe",
+            "-v",
+            "error",
+            "-select_streams",
+            stream,
+            "-show_entries",
+            f"stream={entries}",
+            "-of",
+            "default=nw=1",
+            str(path),
+        ],
         timeout_s=60,
     )
     return dict(line.split("=", 1) for line in done.stdout.decode().splitlines() if "=" in line)
@@ -122,7 +149,9 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> Media:
     return Media(
         long_gop=long_gop,
         single_key=make_video(root / "single_key.mp4", 90, keyint=250),
-        vfr=make_video(root / "vfr.mp4", 90, keyint=40, audio=True, extra_output=["-vf", VFR_SETPTS, *VFR_OUTPUT]),
+        vfr=make_video(
+            root / "vfr.mp4", 90, keyint=40, audio=True, extra_output=["-vf", VFR_SETPTS, *VFR_OUTPUT]
+        ),
         rotated=remux(long_gop, root / "rotated.mp4", "-metadata:s:v:0", "rotate=90"),
         offset=remux(long_gop, root / "offset.mp4", "-output_ts_offset", "0.5"),
         odd=make_video(root / "odd.mp4", 7, width=95, height=61, extra_output=["-pix_fmt", "yuv444p"]),

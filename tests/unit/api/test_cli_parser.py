@@ -55,8 +55,10 @@ def test_unset_job_options_keep_the_schema_defaults() -> None:
     [
         ["render", "v.mp4", "--face", "f.png", "-o", "o.mp4", "--api", "http://h:8000", "--token", "T"],
         ["submit", "v.mp4", "--face", "f.png", "--api", "http://h:8000", "--token", "T", "--json"],
-        *[[cmd, "JOB", "--json", "--api", "http://h", "--token", "T"] for cmd in
-          ("status", "wait", "cancel", "retry", "logs", "audit")],
+        *[
+            [cmd, "JOB", "--json", "--api", "http://h", "--token", "T"]
+            for cmd in ("status", "wait", "cancel", "retry", "logs", "audit")
+        ],
         ["download", "JOB", "-o", "out.mp4", "--json"],
         ["list", "--json"],
         ["swap-image", "--face", "f.png", "t.png", "-o", "o.png", "--swapper", "classic"],
@@ -70,7 +72,16 @@ def test_unset_job_options_keep_the_schema_defaults() -> None:
         ["models", "fetch", "--store", "/tmp/store"],
         ["models", "list", "--store", "s3://bucket/models"],
         ["models", "verify"],
-        ["models", "add", "inswapper_128.onnx", "/tmp/x.onnx", "--licence", "non-commercial", "--source", "u"],
+        [
+            "models",
+            "add",
+            "inswapper_128.onnx",
+            "/tmp/x.onnx",
+            "--licence",
+            "non-commercial",
+            "--source",
+            "u",
+        ],
     ],
 )
 def test_every_documented_command_parses(argv: list[str]) -> None:
@@ -80,7 +91,13 @@ def test_every_documented_command_parses(argv: list[str]) -> None:
 
 def test_worker_options_parse_to_launcher_arguments() -> None:
     args = parse("worker", "--gpus", "0,1", "--per-gpu", "3", "--mps", "external", "--queues", "gpu,cpu")
-    assert (args.gpus, args.per_gpu, args.mps, args.queues, args.unblock) == ("0,1", 3, "external", ["gpu", "cpu"], False)
+    assert (args.gpus, args.per_gpu, args.mps, args.queues, args.unblock) == (
+        "0,1",
+        3,
+        "external",
+        ["gpu", "cpu"],
+        False,
+    )
     assert parse("worker").gpus == "all" and parse("worker").queues == ["gpu"]
 
 
@@ -146,7 +163,16 @@ def test_reference_selector_without_reference_is_refused_before_anything_starts(
     video, face = tmp_path / "v.mp4", tmp_path / "f.png"
     video.write_bytes(b"x")
     face.write_bytes(b"x")
-    argv = ["render", str(video), "--face", str(face), "-o", str(tmp_path / "o.mp4"), "--face-selector", "reference"]
+    argv = [
+        "render",
+        str(video),
+        "--face",
+        str(face),
+        "-o",
+        str(tmp_path / "o.mp4"),
+        "--face-selector",
+        "reference",
+    ]
     assert main(argv) == 1
     assert "--reference IMAGE" in capsys.readouterr().err
 
@@ -157,4 +183,7 @@ def test_client_commands_without_a_token_say_how_to_pass_one(capsys, monkeypatch
 
     get_settings.cache_clear()
     assert main(["status", "JOB", "--api", "http://127.0.0.1:9"]) == 1
-    assert capsys.readouterr().err.strip() == "facefarm: error: no API token: pass --token T or set FACEFARM_API_TOKEN"
+    assert (
+        capsys.readouterr().err.strip()
+        == "facefarm: error: no API token: pass --token T or set FACEFARM_API_TOKEN"
+    )

@@ -36,7 +36,9 @@ def test_submit_uploads_files_and_options_as_multipart(tmp_path: Path) -> None:
         seen["body"] = request.read()
         return httpx.Response(201, json={"job_id": "j1", "status": "QUEUED"})
 
-    job_id = client(handler).submit(tmp_path / "v.mp4", str(tmp_path / "f.png"), {"swapper": "classic", "upscale": 2})
+    job_id = client(handler).submit(
+        tmp_path / "v.mp4", str(tmp_path / "f.png"), {"swapper": "classic", "upscale": 2}
+    )
     assert job_id == "j1"
     assert seen["auth"] == "Bearer tok"
     assert str(seen["type"]).startswith("multipart/form-data")
@@ -97,7 +99,9 @@ def test_connection_refused_is_a_retryable_error_naming_the_api() -> None:
 
 
 def test_wait_reports_progress_and_returns_the_completed_job() -> None:
-    states = iter([view(JobStatus.PLANNING), view(JobStatus.RENDERING, frames_done=5), view(JobStatus.COMPLETED)])
+    states = iter(
+        [view(JobStatus.PLANNING), view(JobStatus.RENDERING, frames_done=5), view(JobStatus.COMPLETED)]
+    )
     seen: list[JobStatus] = []
     result = client(lambda r: httpx.Response(200, json=next(states))).wait(
         "j1", progress=lambda v: seen.append(v.status), poll_s=0
@@ -116,7 +120,9 @@ def test_wait_raises_cancelled_and_times_out() -> None:
     with pytest.raises(e.JobCancelledError):
         client(lambda r: httpx.Response(200, json=view(JobStatus.CANCELLED))).wait("j1", poll_s=0)
     with pytest.raises(TimeoutError, match="RENDERING"):
-        client(lambda r: httpx.Response(200, json=view(JobStatus.RENDERING))).wait("j1", poll_s=0.01, timeout_s=0.05)
+        client(lambda r: httpx.Response(200, json=view(JobStatus.RENDERING))).wait(
+            "j1", poll_s=0.01, timeout_s=0.05
+        )
 
 
 def test_download_writes_the_file_and_leaves_no_partial_on_error(tmp_path: Path) -> None:
@@ -126,7 +132,9 @@ def test_download_writes_the_file_and_leaves_no_partial_on_error(tmp_path: Path)
     assert target.read_bytes() == b"MP4DATA" * 1000
 
     missing = tmp_path / "missing.mp4"
-    gone = client(lambda r: httpx.Response(409, json={"error": "job j1 is RENDERING", "kind": "PermanentError"}))
+    gone = client(
+        lambda r: httpx.Response(409, json={"error": "job j1 is RENDERING", "kind": "PermanentError"})
+    )
     with pytest.raises(e.PermanentError, match="RENDERING"):
         gone.download("j1", missing)
     assert list(tmp_path.iterdir()) == [target]
@@ -135,7 +143,9 @@ def test_download_writes_the_file_and_leaves_no_partial_on_error(tmp_path: Path)
 def test_download_follows_a_redirect_without_leaking_the_token(tmp_path: Path) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.host == "farm.test":
-            return httpx.Response(307, headers={"location": "https://s3.test/bucket/out.mp4?X-Amz-Signature=s"})
+            return httpx.Response(
+                307, headers={"location": "https://s3.test/bucket/out.mp4?X-Amz-Signature=s"}
+            )
         assert "authorization" not in request.headers
         return httpx.Response(200, content=b"FROM-S3")
 

@@ -42,7 +42,12 @@ def test_settings_env_round_trips_through_settings(monkeypatch: pytest.MonkeyPat
 def test_only_the_token_hash_is_in_the_childrens_settings() -> None:
     token = "the-ephemeral-token"
     values = embedded_settings(
-        Settings(), redis_port=1, api_port=2, storage_dir=Path("/tmp/x"), token_hash=hash_token(token), device="cpu"
+        Settings(),
+        redis_port=1,
+        api_port=2,
+        storage_dir=Path("/tmp/x"),
+        token_hash=hash_token(token),
+        device="cpu",
     )
     assert token not in json.dumps(settings_env(values))
 

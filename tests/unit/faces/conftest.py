@@ -13,7 +13,6 @@ import cv2
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from shared.model_store import add_model, ensure_store
@@ -40,13 +39,18 @@ def face_store() -> Path:
 
 @pytest.fixture(scope="session")
 def detector(face_store: Path) -> MtcnnDetector:
-    torch.set_num_threads(2)
     return MtcnnDetector(face_store, "cpu")
 
 
 @pytest.fixture(scope="session")
 def t1_rgb() -> np.ndarray:
     return insightface_image("t1.jpg")
+
+
+@pytest.fixture(scope="session")
+def t1_half_rgb(t1_rgb: np.ndarray) -> np.ndarray:
+    """t1.jpg at 640x443: still 6 detectable faces (~50 px), four times less detection work."""
+    return cv2.resize(t1_rgb, (640, 443), interpolation=cv2.INTER_AREA)
 
 
 @pytest.fixture(scope="session")

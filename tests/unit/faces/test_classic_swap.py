@@ -30,8 +30,8 @@ def _inner_face(image: np.ndarray, face: Face) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def swap_frames(astronaut_rgb, camera_rgb, t1_rgb, hanks_rgb) -> np.ndarray:
-    return _canvas([camera_rgb, t1_rgb, hanks_rgb, np.zeros_like(camera_rgb)])
+def swap_frames(camera_rgb, t1_half_rgb, hanks_rgb) -> np.ndarray:
+    return _canvas([camera_rgb, t1_half_rgb, hanks_rgb, np.zeros_like(camera_rgb)])
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,9 @@ def engine_frames(astronaut_rgb: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def classic_engine(face_store: Path, camera_rgb: np.ndarray, detector) -> FaceEngine:
-    return FaceEngine(swapper_name="classic", source_image=camera_rgb, store=face_store, device="cpu", detect_batch=2)
+    return FaceEngine(
+        swapper_name="classic", source_image=camera_rgb, store=face_store, device="cpu", detect_batch=2
+    )
 
 
 def _changed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -68,7 +70,13 @@ def test_unknown_swapper_and_selector_names_are_refused(face_store: Path, camera
     with pytest.raises(UnknownModelError, match="unknown swapper 'deepfake'"):
         FaceEngine(swapper_name="deepfake", source_image=camera_rgb, store=face_store, device="cpu")
     with pytest.raises(UnknownModelError, match="face selector"):
-        FaceEngine(swapper_name="classic", source_image=camera_rgb, store=face_store, device="cpu", selector="tallest")
+        FaceEngine(
+            swapper_name="classic",
+            source_image=camera_rgb,
+            store=face_store,
+            device="cpu",
+            selector="tallest",
+        )
 
 
 def test_inswapper_engine_swaps_with_user_weights(

@@ -31,7 +31,9 @@ def test_astronaut_has_one_face_with_landmarks_inside_its_box(
     assert lm[0, 1] < lm[2, 1] < lm[3, 1]
 
 
-def test_batched_detection_equals_one_frame_at_a_time(detector: MtcnnDetector, astronaut_rgb: np.ndarray) -> None:
+def test_batched_detection_equals_one_frame_at_a_time(
+    detector: MtcnnDetector, astronaut_rgb: np.ndarray
+) -> None:
     frames = np.stack([astronaut_rgb, np.zeros_like(astronaut_rgb), astronaut_rgb[:, ::-1].copy()])
     batched = detector.detect(frames)
     single = [detector.detect(f[None])[0] for f in frames]

@@ -18,7 +18,9 @@ def noisy_still_faces(detector, astronaut_rgb: np.ndarray) -> list[list[Face]]:
     """The same photo with fresh noise in every frame, re-detected: detection jitter only."""
     base = astronaut_rgb[0:256, 100:356].astype(np.int16)
     rng = np.random.default_rng(7)
-    frames = np.stack([np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8) for _ in range(16)])
+    frames = np.stack(
+        [np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8) for _ in range(16)]
+    )
     faces = detector.detect(frames)
     assert all(len(f) == 1 for f in faces)
     return faces
@@ -35,7 +37,9 @@ def test_smoothing_lowers_landmark_jitter_on_a_still_face(noisy_still_faces: lis
 
 def _face_at(x: float, y: float, size: float = 100.0) -> Face:
     box = np.array([x, y, x + size, y + size], dtype=np.float32)
-    lms = np.array([[0.3, 0.4], [0.7, 0.4], [0.5, 0.6], [0.35, 0.8], [0.65, 0.8]], dtype=np.float32) * size + [x, y]
+    lms = np.array(
+        [[0.3, 0.4], [0.7, 0.4], [0.5, 0.6], [0.35, 0.8], [0.65, 0.8]], dtype=np.float32
+    ) * size + [x, y]
     return Face(box=box, score=0.99, landmarks=lms.astype(np.float32))
 
 

@@ -29,12 +29,25 @@ def test_parse_packets_reads_compact_rows_in_any_field_order() -> None:
     ]
 
 
+def test_parse_packets_joins_the_continuation_line_of_a_packet_with_side_data() -> None:
+    text = "pts=-1024|flags=KD|\n\n|data_hash=SHA256:ab\npts=0|flags=K_|data_hash=SHA256:cd\n"
+    assert parse_packets(text) == [
+        {"pts": "-1024", "flags": "KD", "data_hash": "SHA256:ab"},
+        {"pts": "0", "flags": "K_", "data_hash": "SHA256:cd"},
+    ]
+
+
 def test_cfr_clip_facts() -> None:
     info = cfr_info(90, keyframe_every=40)
     assert info.frame_count == 90 and not info.vfr
     assert info.keyframe_pts == [0, 40 * NTSC_TICKS, 80 * NTSC_TICKS]
     assert info.keyframe_indices == [0, 40, 80]
-    assert (info.avg_fps_num, info.avg_fps_den, info.time_base_num, info.time_base_den) == (30000, 1001, 1, 30000)
+    assert (info.avg_fps_num, info.avg_fps_den, info.time_base_num, info.time_base_den) == (
+        30000,
+        1001,
+        1,
+        30000,
+    )
     assert info.end_pts == 90 * NTSC_TICKS
     assert (info.width, info.height, info.rotation, info.bit_depth, info.hdr) == (160, 96, 0, 8, False)
 
@@ -84,8 +97,15 @@ def test_colour_tags_hdr_bit_depth_and_full_range() -> None:
         packets_for([0]),
         source="hdr.mov",
     )
-    assert (info.bit_depth, info.hdr, info.color_space, info.color_transfer) == (10, True, "bt2020nc", "smpte2084")
-    phone = parse_probe(probe_json(pix_fmt="yuvj420p", color_space="unknown"), packets_for([0]), source="p.mp4")
+    assert (info.bit_depth, info.hdr, info.color_space, info.color_transfer) == (
+        10,
+        True,
+        "bt2020nc",
+        "smpte2084",
+    )
+    phone = parse_probe(
+        probe_json(pix_fmt="yuvj420p", color_space="unknown"), packets_for([0]), source="p.mp4"
+    )
     assert (phone.color_range, phone.color_space, phone.bit_depth) == ("pc", None, 8)
 
 

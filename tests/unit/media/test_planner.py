@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from dispatcher.planner import (
     ChunkRange,
-    chunk_frames_for,
     check_limits,
+    chunk_frames_for,
     codec_level,
     encoder_settings_for,
     frame_range_for,
@@ -36,7 +36,11 @@ def assert_valid_plan(info: VideoInfo, chunks: list[ChunkRange], start: int, end
         assert chunk.seek_frame in info.keyframe_indices or chunk.seek_frame == 0
         assert chunk.seek_frame <= chunk.start_frame - chunk.warmup_frames
         assert chunk.seek_pts == info.frame_pts[chunk.seek_frame]
-        later_keys = [k for k in info.keyframe_indices if chunk.seek_frame < k <= chunk.start_frame - chunk.warmup_frames]
+        later_keys = [
+            k
+            for k in info.keyframe_indices
+            if chunk.seek_frame < k <= chunk.start_frame - chunk.warmup_frames
+        ]
         assert not later_keys, "the seek must use the nearest keyframe at or before the first needed frame"
 
 
@@ -83,7 +87,14 @@ def test_very_short_videos_make_one_chunk(frames: int) -> None:
 
 @pytest.mark.parametrize(
     ("frames", "sizes"),
-    [(95, [30, 30, 35]), (105, [30, 30, 30, 15]), (91, [30, 30, 31]), (59, [30, 29]), (44, [44]), (45, [30, 15])],
+    [
+        (95, [30, 30, 35]),
+        (105, [30, 30, 30, 15]),
+        (91, [30, 30, 31]),
+        (59, [30, 29]),
+        (44, [44]),
+        (45, [30, 15]),
+    ],
 )
 def test_odd_frame_counts_tiny_remainders_join_the_last_chunk(frames: int, sizes: list[int]) -> None:
     chunks = plan_chunks(cfr_info(frames), chunk_frames=30, warmup_frames=2)
@@ -117,7 +128,9 @@ def test_any_plan_covers_the_range_exactly_with_valid_seeks(
     info = cfr_info(frames, keyframe_every=keyframe_every)
     start = data.draw(st.integers(0, frames - 1))
     end = data.draw(st.integers(start + 1, frames))
-    chunks = plan_chunks(info, chunk_frames=chunk_frames, warmup_frames=warmup, start_frame=start, end_frame=end)
+    chunks = plan_chunks(
+        info, chunk_frames=chunk_frames, warmup_frames=warmup, start_frame=start, end_frame=end
+    )
     assert_valid_plan(info, chunks, start, end, warmup)
     assert all(c.frame_count < chunk_frames * 1.5 or len(chunks) == 1 for c in chunks)
 
@@ -181,7 +194,9 @@ def test_upscaling_4k_by_4_is_refused_with_the_limit_named() -> None:
         ("h265", (8192, 4320), Fraction(60), "6.1"),
     ],
 )
-def test_codec_level_is_the_lowest_that_fits(codec: str, size: tuple[int, int], fps: Fraction, level: str) -> None:
+def test_codec_level_is_the_lowest_that_fits(
+    codec: str, size: tuple[int, int], fps: Fraction, level: str
+) -> None:
     assert codec_level(codec, *size, fps) == level
 
 
@@ -214,9 +229,16 @@ def test_encoder_settings_keep_time_base_colour_and_round_odd_upright_sizes_to_e
         side_data=[{"side_data_type": "Display Matrix", "rotation": 90}],
     )
     assert (info.width, info.height) == (97, 161)
-    settings = encoder_settings_for(info, JobOptions(codec="h264", crf=20, preset="slow"), Settings(encoder_threads=3))
+    settings = encoder_settings_for(
+        info, JobOptions(codec="h264", crf=20, preset="slow"), Settings(encoder_threads=3)
+    )
     assert (settings.width, settings.height) == (96, 160)
-    assert (settings.time_base_num, settings.time_base_den, settings.fps_num, settings.fps_den) == (1, 30000, 30000, 1001)
+    assert (settings.time_base_num, settings.time_base_den, settings.fps_num, settings.fps_den) == (
+        1,
+        30000,
+        30000,
+        1001,
+    )
     assert (settings.color_space, settings.color_primaries, settings.color_trc, settings.color_range) == (
         "bt709",
         "bt709",

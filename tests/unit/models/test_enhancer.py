@@ -29,9 +29,11 @@ def test_small_gfpgan_checkpoint_loads_strict_and_is_deterministic(
     assert model.size_px == 64
     crops = np.stack([astronaut_rgb[80:144, 190:254], astronaut_rgb[90:154, 180:244]])
     first = enhance_faces(model, crops, batch=2)
-    again = enhance_faces(model, crops, batch=1)
+    again = enhance_faces(model, crops, batch=2)
+    single = enhance_faces(model, crops, batch=1)
     assert first.shape == crops.shape and first.dtype == np.uint8
-    assert np.array_equal(first, again)
+    assert np.array_equal(first, again)  # stored noise, not fresh random draws
+    assert np.abs(first.astype(int) - single.astype(int)).max() <= 1  # batching: rounding only
     assert first.std() > 0
 
 

@@ -40,6 +40,7 @@ def run_ncnn(param: Path, weights: Path, rgb01_chw: np.ndarray) -> np.ndarray:
     net.opt.use_fp16_storage = False
     net.opt.use_fp16_packed = False
     net.opt.use_fp16_arithmetic = False
+    net.opt.num_threads = 1  # OpenMP spin-waits stall badly when the CPU is shared
     net.load_param(str(param))
     net.load_model(str(weights))
     arr = np.ascontiguousarray(rgb01_chw, dtype=np.float32)

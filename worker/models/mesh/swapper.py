@@ -183,6 +183,7 @@ class MeshSwapper:
         ratio = np.where(front, src / np.where(front, dst, 1.0), 1.0)
         ref = float(np.median(ratio[front])) if front.any() else 1.0
         rel = ratio / max(ref, 1e-6)
+        rel[self.topology.groups["surface"][1] :] = 1.0  # eye/mouth fills are thin by nature; mouth: own mask
         return np.clip((0.35 - rel) / 0.25, 0.0, 1.0).astype(np.float32)
 
     def swap_face(self, frame: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
