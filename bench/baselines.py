@@ -127,7 +127,9 @@ def run_per_frame_pipeline(
     from worker.frames import decode_range, open_encoder
     from worker.models.engine import FaceEngine
 
-    engine = FaceEngine(swapper_name=swapper, source_image=face_image, store=store, device=device, detect_batch=1)
+    engine = FaceEngine(
+        swapper_name=swapper, source_image=face_image, store=store, device=device, detect_batch=1
+    )
     seconds: dict[str, float] = {}
     done = 0
     started, cpu_started = time.perf_counter(), time.process_time()

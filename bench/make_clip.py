@@ -163,7 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--images", type=Path, default=None, help="folder from export_source_images")
-    parser.add_argument("--export-images", type=Path, default=None, help="write the source images here and stop")
+    parser.add_argument(
+        "--export-images", type=Path, default=None, help="write the source images here and stop"
+    )
     parser.add_argument("--width", type=int, default=1920)
     parser.add_argument("--height", type=int, default=1080)
     parser.add_argument("--frames", type=int, default=240)
@@ -174,7 +176,12 @@ def main(argv: list[str] | None = None) -> None:
             print(path)
         return
     info = write_clip(
-        args.out, load_source_images(args.images), width=args.width, height=args.height, frames=args.frames, fps=args.fps
+        args.out,
+        load_source_images(args.images),
+        width=args.width,
+        height=args.height,
+        frames=args.frames,
+        fps=args.fps,
     )
     print(info)
 

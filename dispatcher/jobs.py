@@ -7,6 +7,10 @@ re-run merge rewrites the same output key and a merge of a COMPLETED job only fi
 
 from __future__ import annotations
 
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +24,18 @@ from dispatcher.planner import (
     planning_notes,
 )
 from dispatcher.service import FarmContext, enqueue_renders
-from shared.errors import InvalidVideoError
+from shared.errors import FaceFarmError, InvalidVideoError
+from shared.faults import fire, select
 from shared.media import VideoInfo, display_name, probe
 from shared.names import storage_chunk_key, storage_output_key
 from shared.schemas import ChunkSpec, JobStatus
+from shared.settings import Settings
+from shared.state import JobRecord, JobStore
 from shared.storage import Storage
 
 CHUNK_EXT = "mp4"
 OUTPUT_EXT = "mp4"
+MIN_MERGE_LEASE_S = 10.0
 
 
 def plan_job_now(ctx: FarmContext, job_id: str) -> dict[str, Any]:
@@ -115,7 +123,7 @@ def merge_job_now(ctx: FarmContext, job_id: str, workdir: Path, *, timeout_s: fl
     elif job.status is not JobStatus.MERGING:
         return {"job_id": job_id, "skipped": job.status.value}
 
-    with store.lock(f"merge:{job_id}", ttl_s=settings.task_time_limit_s) as held:
+    with merge_lease(store, job_id, merge_lease_s(settings)) as held:
         if not held:
             return {"job_id": job_id, "skipped": "another merge holds the lock"}
         chunks = sorted(store.chunks(job_id), key=lambda c: c.index)
@@ -148,6 +156,7 @@ def merge_job_now(ctx: FarmContext, job_id: str, workdir: Path, *, timeout_s: fl
             label=settings.synthetic_label,
             timeout_s=timeout_s,
         )
+        _inject_merge_faults(ctx, job)  # a test hook (shared.faults); nothing unless configured
         store.append_log(
             job_id,
             f"merged {report.frames}/{report.expected_frames} frames, {report.duration_s:.3f} s, "
@@ -163,6 +172,57 @@ def merge_job_now(ctx: FarmContext, job_id: str, workdir: Path, *, timeout_s: fl
     )
     deleted = storage.delete_prefix(f"jobs/{job_id}/chunks/")
     return {"job_id": job_id, "output_uri": stored.uri, "chunks_deleted": deleted}
+
+
+def merge_lease_s(settings: Settings) -> float:
+    """How long a merge's lock outlives its process: short, so a killed merge is redone soon."""
+    return float(min(settings.task_time_limit_s, max(MIN_MERGE_LEASE_S, 2 * settings.stall_after_s)))
+
+
+@contextmanager
+def merge_lease(store: JobStore, job_id: str, lease_s: float) -> Iterator[bool]:
+    """The job's merge lock, renewed every ``lease_s / 3`` while held; it lapses if this process dies.
+
+    A lock with the task's hard time limit as TTL would keep a killed merge's job in MERGING for
+    up to an hour; a short renewed lease lets the reconciler re-run it within seconds.
+    """
+    name, token = f"merge:{job_id}", uuid.uuid4().hex
+    held = store.acquire_lock(name, token, lease_s)
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(lease_s / 3):
+            try:
+                store.acquire_lock(name, token, lease_s)
+            except FaceFarmError:
+                pass  # Redis blinked: the next renewal tries again
+
+    renewer = threading.Thread(target=renew, name=f"lease-{job_id}", daemon=True)
+    if held:
+        renewer.start()
+    try:
+        yield held
+    finally:
+        stop.set()
+        if held:
+            renewer.join(timeout=5)
+            store.release_lock(name, token)
+
+
+def _inject_merge_faults(ctx: FarmContext, job: JobRecord) -> None:
+    """TEST HOOK: ``FACEFARM_FAULT_INJECTION=exit:merge,...`` kills this process mid-merge."""
+    if not ctx.settings.faults:
+        return
+    video = job.audit.get("input_names", {}).get("video")
+    for fault in select(
+        ctx.settings.faults,
+        target="merge",
+        video=video,
+        worker=None,
+        occurrence=lambda f: ctx.store.count_fault(job.job_id, f"merge:{f.name}"),
+    ):
+        ctx.store.append_log(job.job_id, f"test fault injected: {fault.action} during the merge")
+        fire(fault, f"the merge of job {job.job_id}")
 
 
 def _local_copy(storage: Storage, uri: str, dest: Path) -> Path:

@@ -88,6 +88,15 @@ class FarmCollector(Collector):
         fps.add_metric([], sum(_fps(store, job_id) for job_id in rendering))
         yield fps
 
+        frames = GaugeMetricFamily(
+            "facefarm_frames",
+            "Frames of active jobs plus the most recent finished ones: planned (total) and rendered (done)",
+            labels=["state"],
+        )
+        frames.add_metric(["total"], sum(r.frames_total for r in records))
+        frames.add_metric(["done"], sum(_frames_done(store, r) for r in records))
+        yield frames
+
         yield chunk_seconds_family(_attempt_seconds(store, active))
 
         queue = GaugeMetricFamily(
@@ -130,6 +139,18 @@ def _fps(store: JobStore, job_id: str) -> float:
         return store.view(job_id).fps
     except NotFoundError:
         return 0.0
+
+
+def _frames_done(store: JobStore, record: JobRecord) -> int:
+    """A completed job rendered all its frames; an active one what its chunks report (cheap reads only)."""
+    if record.status is JobStatus.COMPLETED:
+        return record.frames_total
+    if record.status in (JobStatus.RENDERING, JobStatus.MERGING):
+        try:
+            return store.view(record.job_id).frames_done
+        except NotFoundError:
+            return 0
+    return 0
 
 
 def _attempt_seconds(store: JobStore, job_ids: Iterable[str]) -> Iterator[float]:

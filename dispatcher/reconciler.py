@@ -17,7 +17,8 @@ import uuid
 from dataclasses import dataclass, field
 
 from dispatcher.service import FarmContext, create_context, enqueue_merge, enqueue_renders
-from shared.errors import FaceFarmError
+from shared.errors import AttemptsExhaustedError, FaceFarmError
+from shared.schemas import ChunkStatus, JobStatus
 from shared.settings import Settings
 
 LOCK_NAME = "reconciler"
@@ -32,6 +33,36 @@ class Report:
     merges: list[str] = field(default_factory=list)
     inputs_expired: list[str] = field(default_factory=list)
     outputs_expired: list[str] = field(default_factory=list)
+    no_worker: list[str] = field(default_factory=list)
+
+
+def fail_jobs_without_eligible_workers(ctx: FarmContext, *, now: float) -> list[str]:
+    """Fail RENDERING jobs with chunks left when every live render worker is blocked.
+
+    Blocked workers stop consuming, so those chunks would wait in the queue forever; the job fails
+    with a reason that says how to recover instead. No live worker at all is not this case (the
+    fleet may be restarting), so nothing is failed then.
+    """
+    store = ctx.store
+    live = store.live_workers(ctx.settings.worker_seen_ttl_s, now=now)
+    if not live or store.blocked_workers(live) != set(live):
+        return []
+    failed = []
+    for job_id in store.active_job_ids():
+        if store.get_job(job_id).status is not JobStatus.RENDERING:
+            continue
+        waiting = [c.index for c in store.chunks(job_id) if c.status is ChunkStatus.PENDING]
+        if not waiting:
+            continue
+        error = AttemptsExhaustedError(
+            f"chunk {waiting[0]} has no eligible worker left: every live render worker "
+            f"({', '.join(live)}) is blocked after repeated failures; fix them, run "
+            "`facefarm worker --unblock`, then `facefarm retry JOB`"
+        )
+        if store.fail_job(job_id, error, now=now):
+            store.append_log(job_id, f"reconciler: {error}", now=now)
+            failed.append(job_id)
+    return failed
 
 
 def reconcile_once(ctx: FarmContext, *, now: float | None = None) -> Report:
@@ -49,6 +80,8 @@ def reconcile_once(ctx: FarmContext, *, now: float | None = None) -> Report:
             store.append_log(stalled.job_id, f"chunk {stalled.index}: {reason}; re-enqueued", now=now)
             enqueue_renders(ctx, stalled.job_id, [stalled.index])
             report.requeued.append((stalled.job_id, stalled.index))
+
+    report.no_worker.extend(fail_jobs_without_eligible_workers(ctx, now=now))
 
     for job_id in store.merges_due(now, grace_s=stall_s):
         store.append_log(job_id, "reconciler: all chunks committed but no merge ran; merge enqueued", now=now)
@@ -88,8 +121,13 @@ def run_reconciler(
             try:
                 if ctx.store.acquire_lock(LOCK_NAME, token, lock_ttl_s):
                     report = reconcile_once(ctx)
-                    if report.requeued or report.merges:
-                        log.info("reconciler: requeued %s, merges %s", report.requeued, report.merges)
+                    if report.requeued or report.merges or report.no_worker:
+                        log.info(
+                            "reconciler: requeued %s, merges %s, failed for want of a worker %s",
+                            report.requeued,
+                            report.merges,
+                            report.no_worker,
+                        )
             except FaceFarmError as exc:  # Redis or storage down: try again next round
                 log.warning("reconciler pass failed: %s", exc)
             stop_event.wait(interval_s)

@@ -483,8 +483,13 @@ def flower_args(settings: Settings, python: str = sys.executable) -> list[str]:
     ]
 
 
+# Flower's default tasks page hides args; ours carry the job id and chunk index (the argsrepr).
+FLOWER_TASKS_COLUMNS = "name,uuid,state,args,received,runtime,worker"
+
+
 def flower_env(settings: Settings, base_env: dict[str, str]) -> dict[str, str]:
-    """Flower's environment: ``base_env`` plus FLOWER_BASIC_AUTH; refuses to run without auth."""
+    """Flower's environment: ``base_env`` plus FLOWER_BASIC_AUTH (and the task columns unless set);
+    refuses to run without auth."""
     from shared.errors import ConfigError
 
     auth = settings.flower_basic_auth or ""
@@ -493,7 +498,7 @@ def flower_env(settings: Settings, base_env: dict[str, str]) -> dict[str, str]:
         raise ConfigError(
             "refusing to start Flower without auth: set FACEFARM_FLOWER_BASIC_AUTH=user:password"
         )
-    return {**base_env, "FLOWER_BASIC_AUTH": auth}
+    return {"FLOWER_TASKS_COLUMNS": FLOWER_TASKS_COLUMNS, **base_env, "FLOWER_BASIC_AUTH": auth}
 
 
 def _cmd_flower(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from types import FrameType
 from typing import Any
 
 from shared.errors import ConfigError
+from shared.names import CPU_QUEUE
 from shared.settings import Settings
 from worker.runtime.mps import (
     ClientEnv,
@@ -34,6 +35,10 @@ from worker.runtime.mps import (
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5
+# plan and merge tasks live in the dispatcher's Celery app; the render app does not register them
+DISPATCHER_APP = "dispatcher.celery_app"
+DISPATCHER_QUEUES = (CPU_QUEUE,)
+DISPATCHER_NODE = "dispatch-0@%h"
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,20 @@ def select_gpus(spec: str, available: Sequence[GpuInfo]) -> list[GpuInfo]:
             raise ConfigError(f"--gpus {spec!r}: GPU {part} does not exist (NVML lists: {seen})")
         chosen.append(by_index[int(part)])
     return chosen
+
+
+def split_queues(queues: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``(render queues, dispatcher queues)``: each queue is consumed by the app that knows its tasks."""
+    render = [q for q in queues if q not in DISPATCHER_QUEUES]
+    dispatch = [q for q in queues if q in DISPATCHER_QUEUES]
+    return render, dispatch
+
+
+def dispatcher_client() -> ClientEnv:
+    """The one CPU process that runs plan/merge tasks on this node (never touches a GPU)."""
+    return ClientEnv(
+        gpu=None, slot=0, node_name=DISPATCHER_NODE, mps_mode="off", env={"CUDA_VISIBLE_DEVICES": ""}
+    )
 
 
 def unblock_workers(settings: Settings, node_names: Sequence[str]) -> None:
@@ -171,16 +190,20 @@ def run_workers(
     """Run the workers until they exit; returns the exit code for the CLI."""
     if not queues:
         raise ConfigError("--queues must name at least one queue (e.g. gpu,cpu)")
-    chosen = select_gpus(gpus, discover_gpus() if gpus.strip().lower() != "none" else [])
+    render_queues, dispatch_queues = split_queues(queues)
+    renders = bool(render_queues)
+    chosen = select_gpus(gpus, discover_gpus() if renders and gpus.strip().lower() != "none" else [])
     daemon_running = is_mps_daemon_running(settings.mps_pipe_dir)
-    clients = build_client_envs(
-        [g.index for g in chosen],
-        per_gpu,
-        mps,
-        settings,
-        mps_daemon_running=daemon_running,
-        total_bytes_by_gpu={g.index: g.total_bytes for g in chosen},
-    )
+    clients = []
+    if renders:
+        clients = build_client_envs(
+            [g.index for g in chosen],
+            per_gpu,
+            mps,
+            settings,
+            mps_daemon_running=daemon_running,
+            total_bytes_by_gpu={g.index: g.total_bytes for g in chosen},
+        )
     if unblock:
         host = socket.gethostname()
         unblock_workers(settings, [c.node_name.replace("%h", host) for c in clients])
@@ -197,7 +220,17 @@ def run_workers(
             previous[sig] = signal.signal(sig, supervisor.forward)
         for client in clients:
             command = build_worker_command(
-                client, queues, python=sys.executable, log_level=settings.log_level
+                client, render_queues, python=sys.executable, log_level=settings.log_level
+            )
+            supervisor.start(client, command, {**base_env, **client.env})
+        if dispatch_queues:
+            client = dispatcher_client()
+            command = build_worker_command(
+                client,
+                dispatch_queues,
+                python=sys.executable,
+                log_level=settings.log_level,
+                app=DISPATCHER_APP,
             )
             supervisor.start(client, command, {**base_env, **client.env})
         return supervisor.wait()
@@ -205,7 +238,7 @@ def run_workers(
         if supervisor.alive:
             supervisor.forward(signal.SIGTERM)
             supervisor.wait()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         if daemon is not None:
             daemon.stop()

@@ -166,6 +166,7 @@ def main() -> None:
         "groups": groups,
         "face_oval": [a for a, _ in _loop(conns["FACEMESH_FACE_OVAL"])],
         "lips_inner": [a for a, _ in _loop(_inner_lips(conns["FACEMESH_LIPS"]))],
+        "lips_outer": [a for a, _ in _loop(_outer_lips(conns["FACEMESH_LIPS"]))],
     }
     args.out.write_text(json.dumps(data, separators=(",", ":")) + "\n")
     print(f"{len(tris)} triangles from {len(tess)} edges -> {args.out}")
@@ -194,6 +195,15 @@ def _inner_lips(lips: list[tuple[int, int]]) -> list[tuple[int, int]]:
     lower = _path(inner, 78, 308, {95, 88, 178, 87, 14, 317, 402, 318, 324})
     loop = upper + [(b, a) for a, b in reversed(lower)]
     return loop
+
+
+def _outer_lips(lips: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The outer lip contour as one closed loop 61 -> upper -> 291 -> lower."""
+    nodes = {a for e in lips for a in e}
+    outer = [(a, b) for a, b in lips if a in nodes and b in nodes]
+    upper = _path(outer, 61, 291, {185, 40, 39, 37, 0, 267, 269, 270, 409})
+    lower = _path(outer, 61, 291, {146, 91, 181, 84, 17, 314, 405, 321, 375})
+    return upper + [(b, a) for a, b in reversed(lower)]
 
 
 def _path(edges: list[tuple[int, int]], start: int, end: int, via: set[int]) -> list[tuple[int, int]]:

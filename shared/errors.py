@@ -26,6 +26,8 @@ boundary where they happen, and raised ``from exc``. Tasks retry by class, never
     │   ├── StorageUnavailableError    transient storage I/O
     │   └── ExternalToolError          ffmpeg/ffprobe failed in a way that may be transient
     ├── StaleAttemptError              this attempt lost its lease: another attempt owns the chunk
+    │   └── DuplicateDeliveryError     a duplicate message while a live attempt renders the chunk
+    ├── AvoidWorkerError               this worker failed the chunk before; another one should take it
     └── JobCancelledError              the job's cancel flag is set: stop quietly
 """
 
@@ -143,6 +145,14 @@ class ExternalToolError(RetryableError):
 
 class StaleAttemptError(FaceFarmError):
     """This attempt no longer owns its chunk (fenced out by a newer attempt)."""
+
+
+class DuplicateDeliveryError(StaleAttemptError):
+    """A second message for a chunk that a live attempt is rendering; it is dropped."""
+
+
+class AvoidWorkerError(FaceFarmError):
+    """This worker already failed the chunk and another live worker has not: hand it on."""
 
 
 class JobCancelledError(FaceFarmError):

@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import ConfigError
+from shared.faults import Fault, parse_faults
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -74,6 +75,9 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = 10.0
     retention_inputs_s: int = 7 * 24 * 3600
     retention_outputs_s: int = 7 * 24 * 3600
+    # TEST HOOK (shared.faults): e.g. "raise:chunk,index=1" — never set in production
+    fault_injection: str = ""
+    worker_seen_ttl_s: float = 15.0  # a render worker not seen for this long is not counted as live
 
     # --- render worker ---------------------------------------------------------------------
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -105,11 +109,19 @@ class Settings(BaseSettings):
                 raise ConfigError("FACEFARM_FLOWER_BASIC_AUTH must be set in production")
             if self.require_redis_password and "@" not in self.redis_url:
                 raise ConfigError("FACEFARM_REDIS_URL must carry a password in production")
+        if self.fault_injection and self.environment == "production":
+            raise ConfigError("FACEFARM_FAULT_INJECTION is a test hook; it must not be set in production")
+        parse_faults(self.fault_injection)  # a typo fails at start, not silently
         if self.task_soft_time_limit_s >= self.task_time_limit_s:
             raise ConfigError("task_soft_time_limit_s must be below task_time_limit_s")
         if self.visibility_timeout_s <= self.task_time_limit_s:
             raise ConfigError("visibility_timeout_s must exceed task_time_limit_s")
         return self
+
+    @property
+    def faults(self) -> tuple[Fault, ...]:
+        """The parsed ``fault_injection`` (empty unless a test set it)."""
+        return parse_faults(self.fault_injection)
 
     @property
     def backend_url(self) -> str:

@@ -27,7 +27,9 @@ import redis.exceptions
 from shared import state_scripts as scripts
 from shared.errors import (
     AttemptsExhaustedError,
+    AvoidWorkerError,
     BrokerUnavailableError,
+    DuplicateDeliveryError,
     FaceFarmError,
     JobCancelledError,
     NotFoundError,
@@ -93,6 +95,22 @@ def _owner_key(owner: str) -> str:
 
 
 ACTIVE_KEY = f"{KEY_PREFIX}:jobs:active"
+WORKERS_KEY = f"{KEY_PREFIX}:workers"  # zset: render worker name -> last seen (epoch s)
+WORKER_PREFIX = f"{KEY_PREFIX}:worker:"  # + name: hash (state, counters); + name + ":blocked": string, TTL
+
+
+def _worker_key(name: str) -> str:
+    return f"{WORKER_PREFIX}{name}"
+
+
+def _blocked_key(name: str) -> str:
+    return f"{WORKER_PREFIX}{name}:blocked"
+
+
+def _faults_key(job_id: str) -> str:
+    return f"{job_key(job_id)}:faults"
+
+
 FINISHED_KEY = f"{KEY_PREFIX}:jobs:finished"
 
 
@@ -129,6 +147,7 @@ class ChunkRecord:
     attempts: tuple[Attempt, ...]
     error: str
     stats: ChunkStats | None
+    failed_workers: tuple[str, ...] = ()  # workers whose attempt at this chunk failed or died
 
     @property
     def progress_frames(self) -> int:
@@ -207,9 +226,19 @@ def _as_list(value: Any) -> list[Any]:
 class JobStore:
     """Redis-backed job → chunks → attempts store; every method is safe to call from many processes."""
 
-    def __init__(self, client: redis.Redis, *, max_attempts: int, log_lines_max: int = LOG_LINES_MAX) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        max_attempts: int,
+        log_lines_max: int = LOG_LINES_MAX,
+        block_after_failures: int = 0,
+        block_ttl_s: int = 3600,
+    ) -> None:
         self._r: Any = client  # decode_responses=True: replies are str (the stubs cannot tell)
         self.max_attempts = max_attempts
+        self.block_after_failures = block_after_failures  # 0 = never block a worker
+        self.block_ttl_s = block_ttl_s
         self.log_lines_max = log_lines_max
         self._scripts = {
             name: client.register_script(src)
@@ -230,19 +259,38 @@ class JobStore:
         }
 
     @classmethod
-    def from_url(cls, redis_url: str, *, max_attempts: int, socket_timeout_s: float = 10.0) -> JobStore:
+    def from_url(
+        cls,
+        redis_url: str,
+        *,
+        max_attempts: int,
+        socket_timeout_s: float = 10.0,
+        block_after_failures: int = 0,
+        block_ttl_s: int = 3600,
+    ) -> JobStore:
         client = redis.Redis.from_url(
             redis_url,
             decode_responses=True,
             socket_timeout=socket_timeout_s,
             socket_connect_timeout=socket_timeout_s,
             health_check_interval=25,
+            retry_on_timeout=True,
         )
-        return cls(client, max_attempts=max_attempts)
+        return cls(
+            client,
+            max_attempts=max_attempts,
+            block_after_failures=block_after_failures,
+            block_ttl_s=block_ttl_s,
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobStore:
-        return cls.from_url(settings.redis_url, max_attempts=settings.max_attempts)
+        return cls.from_url(
+            settings.redis_url,
+            max_attempts=settings.max_attempts,
+            block_after_failures=settings.worker_block_after_failures,
+            block_ttl_s=settings.worker_block_ttl_s,
+        )
 
     def close(self) -> None:
         self._r.close()
@@ -471,9 +519,26 @@ class JobStore:
 
     @_translated
     def start_attempt(
-        self, job_id: str, index: int, worker: str, *, now: float | None = None
+        self,
+        job_id: str,
+        index: int,
+        worker: str,
+        *,
+        task_id: str = "",
+        duplicate_guard_s: float | None = None,
+        other_workers: Sequence[str] = (),
+        now: float | None = None,
     ) -> StartedAttempt:
-        """Claim the chunk for a new attempt (fencing out older ones) and count the delivery.
+        """Claim the chunk for a new attempt and count the delivery.
+
+        A RUNNING attempt that never ended is taken over: its worker is recorded as having failed
+        the chunk ("lost"), and the failure counts towards that worker's block. Except: with
+        ``duplicate_guard_s``, a message other than the one that started the running attempt
+        (``task_id``), for a chunk another worker heartbeat within that many seconds, is a
+        duplicate (``DuplicateDeliveryError``). The same message again is Celery's redelivery after
+        its process died, so that attempt is lost.
+        ``other_workers`` are the live, unblocked workers that could take the chunk instead; if
+        this worker already failed it and one of them has not, ``AvoidWorkerError`` says so.
 
         Raises ``JobCancelledError`` (cancelled), ``StaleAttemptError`` (job not rendering, chunk
         already committed or failed) or ``AttemptsExhaustedError`` (beyond ``max_attempts``; the
@@ -482,7 +547,20 @@ class JobStore:
         attempt_id = uuid.uuid4().hex
         result = self._scripts["start"](
             keys=[job_key(job_id), ACTIVE_KEY, FINISHED_KEY, chunk_key(job_id, index)],
-            args=[attempt_id, worker, repr(_now(now)), str(self.max_attempts), job_id, str(index)],
+            args=[
+                attempt_id,
+                worker,
+                repr(_now(now)),
+                str(self.max_attempts),
+                job_id,
+                str(index),
+                task_id,
+                "" if duplicate_guard_s is None else repr(float(duplicate_guard_s)),
+                WORKER_PREFIX,
+                str(self.block_after_failures),
+                str(self.block_ttl_s),
+                *other_workers,
+            ],
         )
         verdict = result[0]
         ctx = {"job_id": job_id, "chunk_index": index}
@@ -497,6 +575,14 @@ class JobStore:
             raise StaleAttemptError(f"job {job_id} is {result[1]}, not rendering", **ctx)
         if verdict == "done":
             raise StaleAttemptError(f"chunk {index} of job {job_id} is already {result[1]}", **ctx)
+        if verdict == "busy":
+            raise DuplicateDeliveryError(
+                f"chunk {index} of job {job_id} is being rendered by {result[1]}; duplicate dropped", **ctx
+            )
+        if verdict == "avoid":
+            raise AvoidWorkerError(
+                f"{worker} already failed chunk {index} of job {job_id}; {result[1]} has not", **ctx
+            )
         raise AttemptsExhaustedError(result[1], **ctx)
 
     @_translated
@@ -524,7 +610,7 @@ class JobStore:
         """Mark the chunk COMMITTED if ``attempt_id`` still owns it; True for exactly one commit: the last."""
         result = self._scripts["commit"](
             keys=[job_key(job_id), chunk_key(job_id, index), _committed_key(job_id)],
-            args=[attempt_id, stats.model_dump_json(), repr(_now(now)), str(index)],
+            args=[attempt_id, stats.model_dump_json(), repr(_now(now)), str(index), WORKER_PREFIX],
         )
         ctx = {"job_id": job_id, "chunk_index": index}
         if result == -1:
@@ -560,6 +646,9 @@ class JobStore:
                 kind,
                 "1" if error.permanent else "0",
                 str(self.max_attempts),
+                WORKER_PREFIX,
+                str(self.block_after_failures),
+                str(self.block_ttl_s),
             ],
         )
         if result == -1:
@@ -592,6 +681,9 @@ class JobStore:
                     repr(_now(now)),
                     reason,
                     "" if stale_before is None else repr(stale_before),
+                    WORKER_PREFIX,
+                    str(self.block_after_failures),
+                    str(self.block_ttl_s),
                 ],
             )
         )
@@ -708,6 +800,70 @@ class JobStore:
             pipe.llen(queue)
         return {queue: int(n) for queue, n in zip(queues, pipe.execute(), strict=True)}
 
+    # --- render workers: liveness, failure streaks, blocks ---------------------------------------
+
+    @_translated
+    def worker_seen(self, name: str, *, state: str, now: float | None = None, **info: str) -> None:
+        """A render worker's heartbeat: it is alive, and says what it is doing (``ok``/``blocked``)."""
+        now = _now(now)
+        pipe = self._r.pipeline(transaction=True)
+        pipe.zadd(WORKERS_KEY, {name: now})
+        pipe.hset(_worker_key(name), mapping={"seen_at": repr(now), "state": state, **info})
+        pipe.execute()
+
+    @_translated
+    def worker_gone(self, name: str) -> None:
+        """A worker that shuts down cleanly leaves the live set at once."""
+        pipe = self._r.pipeline(transaction=True)
+        pipe.zrem(WORKERS_KEY, name)
+        pipe.hset(_worker_key(name), "state", "stopped")
+        pipe.execute()
+
+    @_translated
+    def live_workers(self, ttl_s: float, *, now: float | None = None) -> list[str]:
+        """Render workers seen within ``ttl_s``."""
+        return sorted(self._r.zrangebyscore(WORKERS_KEY, _now(now) - ttl_s, "+inf"))
+
+    @_translated
+    def worker_block(self, name: str) -> dict[str, Any] | None:
+        """Why and since when ``name`` is blocked, or None."""
+        raw = self._r.get(_blocked_key(name))
+        return dict(json.loads(raw)) if raw else None
+
+    @_translated
+    def blocked_workers(self, names: Sequence[str]) -> set[str]:
+        if not names:
+            return set()
+        values = self._r.mget([_blocked_key(n) for n in names])
+        return {n for n, v in zip(names, values, strict=True) if v}
+
+    @_translated
+    def block_worker(self, name: str, reason: str, *, ttl_s: float | None = None) -> None:
+        """Block ``name`` now (operators; tests); it expires after ``ttl_s`` (default the store's)."""
+        ttl = int(ttl_s if ttl_s is not None else self.block_ttl_s)
+        self._r.set(_blocked_key(name), json.dumps({"reason": reason, "at": time.time()}), ex=max(ttl, 1))
+
+    @_translated
+    def unblock_worker(self, name: str) -> bool:
+        """Clear the block and the failure streak (``facefarm worker --unblock``); True if it was blocked."""
+        pipe = self._r.pipeline(transaction=True)
+        pipe.delete(_blocked_key(name))
+        pipe.hset(_worker_key(name), "consecutive_failures", "0")
+        return bool(pipe.execute()[0])
+
+    @_translated
+    def worker_status(self, name: str) -> dict[str, Any]:
+        """The worker's heartbeat hash plus its block (if any) and remaining block seconds."""
+        status: dict[str, Any] = dict(self._r.hgetall(_worker_key(name)))
+        status["block"] = self.worker_block(name)
+        status["block_ttl_s"] = max(int(self._r.ttl(_blocked_key(name))), 0)
+        return status
+
+    @_translated
+    def count_fault(self, job_id: str, fault_name: str) -> int:
+        """Occurrences so far of a test fault in this job (``shared.faults``, ``times=K``)."""
+        return int(self._r.hincrby(_faults_key(job_id), fault_name, 1))
+
     # --- locks ---------------------------------------------------------------------------------
 
     @_translated
@@ -757,6 +913,7 @@ def _chunk_record(raw: Mapping[str, str]) -> ChunkRecord:
         attempts=attempts,
         error=raw.get("error", ""),
         stats=ChunkStats.model_validate_json(stats) if stats else None,
+        failed_workers=tuple(str(w) for w in _as_list(_json(raw.get("failed_workers")))),
     )
 
 

@@ -70,7 +70,9 @@ def render_chunk(
         encode_queue: queue.Queue[Any] = queue.Queue(maxsize=_QUEUE_BATCHES)
         encode_errors: list[BaseException] = []
         encoder_thread = threading.Thread(
-            target=_encode_loop, args=(encoder, encode_queue, encode_errors, clock), daemon=True,
+            target=_encode_loop,
+            args=(encoder, encode_queue, encode_errors, clock),
+            daemon=True,
             name=f"encode-{spec.job_id}-{spec.index}",
         )
         encoder_thread.start()
@@ -104,16 +106,21 @@ def render_chunk(
         raise InvalidVideoError(
             f"chunk {spec.index} decoded {frames_done} frames but the plan expects {spec.frame_count} "
             f"(frames {spec.start_frame}..{spec.end_frame - 1}); the source may be truncated or corrupt",
-            job_id=spec.job_id, chunk_index=spec.index,
+            job_id=spec.job_id,
+            chunk_index=spec.index,
         )
     written = count_frames(output_path)
     if written != spec.frame_count:
         raise InvalidVideoError(
             f"chunk {spec.index} output has {written} frames, expected {spec.frame_count}",
-            job_id=spec.job_id, chunk_index=spec.index,
+            job_id=spec.job_id,
+            chunk_index=spec.index,
         )
     engine_stats = engine.stats
-    stage_seconds = {**clock.seconds, **{f"faces.{k}": v for k, v in engine_stats.get("stage_seconds", {}).items()}}
+    stage_seconds = {
+        **clock.seconds,
+        **{f"faces.{k}": v for k, v in engine_stats.get("stage_seconds", {}).items()},
+    }
     return ChunkStats(
         frames=frames_done,
         faces=int(engine_stats.get("faces", 0)),
@@ -196,7 +203,9 @@ def _prefetched(batches: Iterator[FrameBatch], clock: _StageClock) -> Iterator[F
             close()
 
 
-def _encode_loop(encoder: Any, items: queue.Queue[Any], errors: list[BaseException], clock: _StageClock) -> None:
+def _encode_loop(
+    encoder: Any, items: queue.Queue[Any], errors: list[BaseException], clock: _StageClock
+) -> None:
     while True:
         item = items.get()
         if item is _SENTINEL:

@@ -74,7 +74,9 @@ class RenderSession:
         """The local model store (an ``s3://`` store is synced to a local cache first)."""
         if self._store is None:
             cache_dir = Path(self.settings.model_cache_dir)
-            self._store = resolve_store(self.settings.model_store, settings=self.settings, cache_dir=cache_dir)
+            self._store = resolve_store(
+                self.settings.model_store, settings=self.settings, cache_dir=cache_dir
+            )
         return self._store
 
     @property
@@ -133,9 +135,12 @@ class RenderSession:
         height, width = frames.shape[1:3]
         whole = plan.tile_px >= max(height, width)
         return upscale_frames(
-            model, frames, upscale=upscale,
+            model,
+            frames,
+            upscale=upscale,
             tile_px=None if whole else plan.tile_px,
-            overlap_px=plan.overlap_px, batch=plan.batch,
+            overlap_px=plan.overlap_px,
+            batch=plan.batch,
         )
 
     def _sr_plans(self, model: SrModel, height: int, width: int) -> list[TilePlan]:
@@ -149,7 +154,9 @@ class RenderSession:
             device=model.device,
             declared=float(descriptor.bytes_per_pixel),
         )
-        free = activation_bytes(self.budget, self.device) - tiled_frame_bytes(height, width, scale=model.scale)
+        free = activation_bytes(self.budget, self.device) - tiled_frame_bytes(
+            height, width, scale=model.scale
+        )
         candidates = _CUDA_TILE_CANDIDATES_PX if self.device.type == "cuda" else _CPU_TILE_CANDIDATES_PX
         return plan_tiles(bpp, model.scale, max(free, 0), candidates, SR_OVERLAP_PX, SR_MAX_BATCH)
 

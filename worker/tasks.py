@@ -9,11 +9,13 @@ job FAILED, stale attempt → drop silently, cancelled → stop and hand the chu
 
 from __future__ import annotations
 
+import importlib
 import socket
 import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
@@ -23,6 +25,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from shared.errors import (
     AttemptsExhaustedError,
+    AvoidWorkerError,
     BrokerUnavailableError,
     FaceFarmError,
     JobCancelledError,
@@ -30,13 +33,16 @@ from shared.errors import (
     RetryableError,
     StaleAttemptError,
 )
-from shared.names import CPU_QUEUE, MERGE_JOB, RENDER_CHUNK
+from shared.names import CPU_QUEUE, GPU_QUEUE, MERGE_JOB, RENDER_CHUNK
 from shared.schemas import ChunkSpec, ChunkStats
 from shared.state import JobStore
 from shared.storage import Storage
 from worker.celery_app import WorkerResources, app, get_resources
+from worker.faults import chunk_faults, fire_before_render, slowed
 
 RETRY_BACKOFF_S = (1.0, 5.0, 15.0, 30.0)
+MAX_HOPS = 20  # hand-ons of one chunk before a worker that failed it tries again anyway
+HAND_ON_PAUSE_S = 0.5
 
 
 class Heartbeat:
@@ -117,7 +123,12 @@ def _suffix(uri: str, default: str) -> str:
 
 
 def _render_attempt(
-    res: WorkerResources, spec: ChunkSpec, attempt_id: str, heartbeat: Heartbeat, workdir: Path
+    res: WorkerResources,
+    spec: ChunkSpec,
+    attempt_id: str,
+    heartbeat: Heartbeat,
+    workdir: Path,
+    on_progress: Callable[[int], None] | None = None,
 ) -> ChunkStats:
     from worker.pipeline import render_chunk as run_pipeline  # lazily: torch/CUDA only in the child
 
@@ -142,7 +153,7 @@ def _render_attempt(
         face_path=face_path,
         output_path=output_path,
         settings=settings,
-        on_progress=heartbeat.progress,
+        on_progress=on_progress or heartbeat.progress,
         should_stop=heartbeat.should_stop,
         log=log,
         reference_path=reference_path,
@@ -157,14 +168,65 @@ def _retry_countdown_s(delivery: int) -> float:
     return RETRY_BACKOFF_S[min(delivery - 1, len(RETRY_BACKOFF_S) - 1)]
 
 
+def _hand_on(job_id: str, index: int, hops: int, why: str, store: JobStore) -> dict[str, Any]:
+    """Put the chunk back on the gpu queue for another worker (a new message; this one is acked)."""
+    store.append_log(job_id, f"chunk {index}: {why}; handed on")
+    time.sleep(HAND_ON_PAUSE_S)  # let an idle worker's waiting BRPOP take it rather than us again
+    app.send_task(
+        RENDER_CHUNK,
+        args=[job_id, index],
+        kwargs={"hops": hops + 1},
+        queue=GPU_QUEUE,
+        task_id=f"render-{job_id}-{index:05d}-{uuid.uuid4().hex[:8]}",
+        argsrepr=f"job={job_id} chunk={index} hop={hops + 1}",
+    )
+    return {"job_id": job_id, "index": index, "handed_on": why}
+
+
+def _eligible_others(res: WorkerResources, worker: str) -> list[str]:
+    """Live render workers other than this one that are not blocked."""
+    live = [w for w in res.store.live_workers(res.settings.worker_seen_ttl_s) if w != worker]
+    blocked = res.store.blocked_workers(live)
+    return [w for w in live if w not in blocked]
+
+
 @app.task(name=RENDER_CHUNK, bind=True)
-def render_chunk(self: Task, job_id: str, index: int) -> dict[str, Any]:
-    """Render chunk ``index`` of ``job_id`` as one fenced attempt."""
+def render_chunk(self: Task, job_id: str, index: int, hops: int = 0) -> dict[str, Any]:
+    """Render chunk ``index`` of ``job_id`` as one fenced attempt.
+
+    Before claiming it: a blocked worker hands the chunk on (or, if no other worker is left, fails
+    the job rather than let it hang); a worker that already failed this chunk hands it to one that
+    has not (at most ``MAX_HOPS`` times, then it tries itself while attempts remain).
+    """
     res = get_resources()
-    store = res.store
+    store, settings = res.store, res.settings
     worker = self.request.hostname or socket.gethostname()
+    importlib.import_module("worker.pipeline")  # a new child's heavy imports, before the chunk is claimed
+
     try:
-        started = store.start_attempt(job_id, index, worker)
+        others = _eligible_others(res, worker)
+        block = store.worker_block(worker)
+        if block is not None:
+            if others or hops >= MAX_HOPS:
+                return _hand_on(job_id, index, hops, f"{worker} is blocked ({block.get('reason')})", store)
+            error = AttemptsExhaustedError(
+                f"chunk {index} has no eligible worker left: {worker} is blocked after repeated failures "
+                f"({block.get('reason')}) and no other render worker is live; fix it and run "
+                "`facefarm worker --unblock`, then `facefarm retry JOB`"
+            )
+            if store.fail_job(job_id, error):
+                store.append_log(job_id, f"chunk {index}: {error}")
+            return {"job_id": job_id, "index": index, "failed": str(error)}
+        started = store.start_attempt(
+            job_id,
+            index,
+            worker,
+            task_id=self.request.id or "",
+            duplicate_guard_s=settings.stall_after_s,
+            other_workers=others if hops < MAX_HOPS else (),
+        )
+    except AvoidWorkerError as exc:
+        return _hand_on(job_id, index, hops, str(exc), store)
     except (StaleAttemptError, JobCancelledError) as exc:
         return {"job_id": job_id, "index": index, "dropped": str(exc)}
     except AttemptsExhaustedError as exc:
@@ -174,10 +236,13 @@ def render_chunk(self: Task, job_id: str, index: int) -> dict[str, Any]:
     attempt_id, spec = started.attempt_id, started.spec
     store.append_log(job_id, f"chunk {index}: attempt {started.delivery} started on {worker}")
     t0 = time.monotonic()
-    heartbeat = Heartbeat(store, job_id, index, attempt_id, res.settings.heartbeat_interval_s)
+    heartbeat = Heartbeat(store, job_id, index, attempt_id, settings.heartbeat_interval_s)
     try:
+        injected = chunk_faults(settings, store, job_id, index, worker)  # a test hook; normally []
         with tempfile.TemporaryDirectory(prefix=f"ff-{job_id}-{index:05d}-") as tmp, heartbeat:
-            stats = _render_attempt(res, spec, attempt_id, heartbeat, Path(tmp))
+            fire_before_render(injected, f"chunk {index} of job {job_id} on {worker}")
+            progress = slowed(heartbeat.progress, injected)
+            stats = _render_attempt(res, spec, attempt_id, heartbeat, Path(tmp), progress)
         is_last = store.commit_chunk(job_id, index, attempt_id, stats)
     except StaleAttemptError:
         return {"job_id": job_id, "index": index, "dropped": "stale attempt"}

@@ -119,7 +119,7 @@ class CudaGraphed(nn.Module):
     def forward(self, x: Tensor) -> Any:
         if x.device.type != "cuda":
             return self.net(x)
-        weights_key = tuple(t.data_ptr() for t in self.net.parameters())
+        weights_key = tuple(t.data_ptr() for t in (*self.net.parameters(), *self.net.buffers()))
         if weights_key != self._weights_key:
             self._graphs.clear()
             self._weights_key = weights_key

@@ -19,6 +19,9 @@ from worker.models.faces import Face
 
 STAGE_THRESHOLDS = (0.6, 0.7, 0.7)
 PYRAMID_FACTOR = 0.709
+# Groups of boxes this large go through the matrix NMS on a GPU (an n x n matrix each).
+GPU_NMS_MIN = 64
+GPU_NMS_MAX = 8192
 
 
 class PNet(nn.Module):
@@ -119,10 +122,22 @@ def load_mtcnn_nets(store: Path, device: torch.device) -> tuple[PNet, RNet, ONet
     return nets[0], nets[1], nets[2]  # type: ignore[return-value]
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou_max: float, *, by_min: bool = False) -> np.ndarray:
-    """Greedy NMS; ``by_min`` divides the overlap by the smaller area (MTCNN's last stage, +1 px areas)."""
+def nms(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    iou_max: float,
+    *,
+    by_min: bool = False,
+    device: torch.device | None = None,
+) -> np.ndarray:
+    """Greedy NMS; ``by_min`` divides the overlap by the smaller area (MTCNN's last stage, +1 px areas).
+
+    On a GPU, mid-sized groups use an exact matrix form of the same greedy pass (see below).
+    """
     if len(boxes) == 0:
         return np.zeros(0, dtype=np.int64)
+    if device is not None and device.type == "cuda" and GPU_NMS_MIN <= len(boxes) <= GPU_NMS_MAX:
+        return nms_matrix(boxes, scores, iou_max, by_min, device)
     x1, y1, x2, y2 = (boxes[:, i].astype(np.float64) for i in range(4))
     extra = 1.0 if by_min else 0.0
     area = (x2 - x1 + extra) * (y2 - y1 + extra)
@@ -143,14 +158,97 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_max: float, *, by_min: bool =
     return np.asarray(keep, dtype=np.int64)
 
 
-def batched_nms(
-    boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray, iou_max: float, *, by_min: bool = False
+def nms_matrix(
+    boxes: np.ndarray, scores: np.ndarray, iou_max: float, by_min: bool, device: torch.device
 ) -> np.ndarray:
-    """NMS independently per group (image, or image and scale) via the coordinate-offset trick."""
+    """Greedy NMS as a fixed point: box i survives iff no surviving higher-scored box overlaps it.
+
+    Iterating ``keep = not any(keep[j] and overlaps[j, i] for j before i)`` from all-kept reaches
+    that unique solution (the greedy one) in as many steps as the longest suppression chain, each
+    one matrix product on the GPU instead of one Python step per kept box.
+    """
+    order = np.argsort(-scores, kind="stable")
+    b = torch.from_numpy(boxes[order].astype(np.float64)).to(device)
+    x1, y1, x2, y2 = b.unbind(1)
+    extra = 1.0 if by_min else 0.0
+    area = (x2 - x1 + extra) * (y2 - y1 + extra)
+    w = (torch.minimum(x2[:, None], x2[None]) - torch.maximum(x1[:, None], x1[None]) + extra).clamp(min=0)
+    h = (torch.minimum(y2[:, None], y2[None]) - torch.maximum(y1[:, None], y1[None]) + extra).clamp(min=0)
+    inter = w * h
+    if by_min:
+        overlap = inter / torch.minimum(area[:, None], area[None])
+    else:
+        overlap = inter / (area[:, None] + area[None] - inter)
+    overlap = torch.nan_to_num(overlap, nan=float("inf"))  # numpy's "nan <= t" is False: suppressed
+    suppresses = (overlap > iou_max).triu(1).float()  # [j, i]: j (higher score) suppresses i
+    keep = torch.ones(len(order), device=device)
+    for _ in range(len(order)):
+        new = ((keep @ suppresses) == 0).float()
+        if torch.equal(new, keep):
+            break
+        keep = new
+    return order[keep.bool().cpu().numpy()]
+
+
+def batched_nms(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    groups: np.ndarray,
+    iou_max: float,
+    *,
+    by_min: bool = False,
+    device: torch.device | None = None,
+) -> np.ndarray:
+    """NMS independently per group (image, or image and scale); indices sorted ascending.
+
+    One greedy pass per group keeps the cost linear in the number of groups (frames in a batch).
+    """
     if len(boxes) == 0:
         return np.zeros(0, dtype=np.int64)
-    offsets = groups.astype(np.float64) * (float(boxes.max()) + 1.0)
-    return nms(boxes.astype(np.float64) + offsets[:, None], scores, iou_max, by_min=by_min)
+    keep = [
+        members[nms(boxes[members], scores[members], iou_max, by_min=by_min, device=device)]
+        for members in (np.flatnonzero(groups == g) for g in np.unique(groups))
+    ]
+    return np.sort(np.concatenate(keep))
+
+
+def area_resize_boxes(
+    integral: torch.Tensor,
+    image_inds: np.ndarray,
+    x0: np.ndarray,
+    y0: np.ndarray,
+    x1: np.ndarray,
+    y1: np.ndarray,
+    size: int,
+) -> torch.Tensor:
+    """``F.interpolate(crop, (size, size), mode="area")`` of many crops at once, from an integral image.
+
+    Area mode is adaptive average pooling: output bin i averages input rows
+    [floor(i*h/size), ceil((i+1)*h/size)). ``integral`` is the (N,3,H+1,W+1) int64 summed-area
+    table, so every bin is four look-ups, exact in integers, with no per-crop kernel launches.
+    """
+    dev = integral.device
+    i = torch.arange(size, device=dev)
+
+    def bins(start: np.ndarray, stop: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        lo = torch.from_numpy(start).to(dev)[:, None]
+        n = torch.from_numpy(stop - start).to(dev)[:, None]
+        first = lo + torch.div(i * n, size, rounding_mode="floor")
+        last = lo + torch.div((i + 1) * n + size - 1, size, rounding_mode="floor")
+        return first, last
+
+    rs, re = bins(y0, y1)  # (K, size)
+    cs, ce = bins(x0, x1)
+    b = torch.from_numpy(image_inds).to(dev)[:, None, None]
+    sat = integral.permute(0, 2, 3, 1)  # (N, H+1, W+1, 3)
+    total = (
+        sat[b, re[:, :, None], ce[:, None, :]]
+        - sat[b, rs[:, :, None], ce[:, None, :]]
+        - sat[b, re[:, :, None], cs[:, None, :]]
+        + sat[b, rs[:, :, None], cs[:, None, :]]
+    )  # (K, size, size, 3)
+    count = ((re - rs)[:, :, None] * (ce - cs)[:, None, :])[..., None]
+    return (total.float() / count.float()).permute(0, 3, 1, 2)
 
 
 def _rerec(boxes: np.ndarray) -> np.ndarray:
@@ -189,7 +287,7 @@ class MtcnnDetector:
         *,
         threshold: float = 0.9,
         min_face_px: int = 20,
-        crop_batch: int = 2048,
+        crop_batch: int = 1024,
     ) -> None:
         self.device = torch.device(device)
         self.threshold = threshold
@@ -205,15 +303,16 @@ class MtcnnDetector:
         n, h, w = frames.shape[:3]
         if n == 0:
             return []
-        imgs = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
-        imgs = imgs.permute(0, 3, 1, 2).float()
+        raw = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
+        imgs = raw.permute(0, 3, 1, 2).float()
 
         boxes, image_inds = self._stage1(imgs, h, w)
-        if len(boxes):
-            boxes, image_inds = self._stage2(imgs, boxes, image_inds, h, w)
         points = np.zeros((0, 5, 2), dtype=np.float64)
         if len(boxes):
-            boxes, image_inds, points = self._stage3(imgs, boxes, image_inds, h, w)
+            integral = F.pad(raw.permute(0, 3, 1, 2).long().cumsum(2).cumsum(3), (1, 0, 1, 0))
+            boxes, image_inds = self._stage2(integral, boxes, image_inds, h, w)
+            if len(boxes):
+                boxes, image_inds, points = self._stage3(integral, boxes, image_inds, h, w)
 
         out: list[list[Face]] = [[] for _ in range(n)]
         for k in range(len(boxes)):
@@ -247,14 +346,14 @@ class MtcnnDetector:
             data = (F.interpolate(imgs, size=size, mode="area") - 127.5) * 0.0078125
             reg, probs = self.pnet(data)
             boxes_s, inds_s = self._generate_boxes(reg, probs[:, 1], scale, STAGE_THRESHOLDS[0])
-            pick = batched_nms(boxes_s[:, :4], boxes_s[:, 4], inds_s, 0.5)
+            pick = batched_nms(boxes_s[:, :4], boxes_s[:, 4], inds_s, 0.5, device=self.device)
             all_boxes.append(boxes_s[pick])
             all_inds.append(inds_s[pick])
         if not all_boxes:
             return np.zeros((0, 9)), np.zeros(0, dtype=np.int64)
         boxes = np.concatenate(all_boxes)
         inds = np.concatenate(all_inds)
-        pick = batched_nms(boxes[:, :4], boxes[:, 4], inds, 0.7)
+        pick = batched_nms(boxes[:, :4], boxes[:, 4], inds, 0.7, device=self.device)
         boxes, inds = boxes[pick], inds[pick]
 
         regw = boxes[:, 2] - boxes[:, 0]
@@ -287,7 +386,7 @@ class MtcnnDetector:
         return boxes.double().cpu().numpy(), idx[:, 0].cpu().numpy()
 
     def _crops(
-        self, imgs: torch.Tensor, boxes: np.ndarray, inds: np.ndarray, h: int, w: int, size: int
+        self, integral: torch.Tensor, boxes: np.ndarray, inds: np.ndarray, h: int, w: int, size: int
     ) -> tuple[torch.Tensor, np.ndarray]:
         """Cut and area-resize each box (clipped to the frame, 1-based like the original)."""
         b = np.trunc(boxes[:, :4]).astype(np.int64)
@@ -296,17 +395,14 @@ class MtcnnDetector:
         ex = np.minimum(b[:, 2], w)
         ey = np.minimum(b[:, 3], h)
         valid = (ey > y - 1) & (ex > x - 1)
-        crops = [
-            F.interpolate(
-                imgs[int(inds[k]), :, y[k] - 1 : ey[k], x[k] - 1 : ex[k]][None],
-                size=(size, size),
-                mode="area",
-            )
-            for k in np.flatnonzero(valid)
-        ]
-        if not crops:
-            return torch.zeros((0, 3, size, size), device=imgs.device), valid
-        return (torch.cat(crops) - 127.5) * 0.0078125, valid
+        if not valid.any():
+            return torch.zeros((0, 3, size, size), device=integral.device), valid
+        parts = []
+        idx = np.flatnonzero(valid)
+        for start in range(0, len(idx), self.crop_batch):
+            k = idx[start : start + self.crop_batch]
+            parts.append(area_resize_boxes(integral, inds[k], x[k] - 1, y[k] - 1, ex[k], ey[k], size))
+        return (torch.cat(parts) - 127.5) * 0.0078125, valid
 
     def _run_batched(self, net: nn.Module, data: torch.Tensor) -> list[np.ndarray]:
         outs: list[list[torch.Tensor]] = []
@@ -316,9 +412,9 @@ class MtcnnDetector:
         return [torch.cat([o[i] for o in outs]).double().cpu().numpy() for i in range(len(outs[0]))]
 
     def _stage2(
-        self, imgs: torch.Tensor, boxes: np.ndarray, inds: np.ndarray, h: int, w: int
+        self, integral: torch.Tensor, boxes: np.ndarray, inds: np.ndarray, h: int, w: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        data, valid = self._crops(imgs, boxes, inds, h, w, 24)
+        data, valid = self._crops(integral, boxes, inds, h, w, 24)
         boxes, inds = boxes[valid], inds[valid]
         if len(boxes) == 0:
             return boxes, inds
@@ -327,14 +423,14 @@ class MtcnnDetector:
         ok = score > STAGE_THRESHOLDS[1]
         boxes = np.concatenate([boxes[ok, :4], score[ok, None]], axis=1)
         inds, reg = inds[ok], reg[ok]
-        pick = batched_nms(boxes[:, :4], boxes[:, 4], inds, 0.7)
+        pick = batched_nms(boxes[:, :4], boxes[:, 4], inds, 0.7, device=self.device)
         boxes, inds, reg = boxes[pick], inds[pick], reg[pick]
         return _rerec(_bbreg(boxes, reg)), inds
 
     def _stage3(
-        self, imgs: torch.Tensor, boxes: np.ndarray, inds: np.ndarray, h: int, w: int
+        self, integral: torch.Tensor, boxes: np.ndarray, inds: np.ndarray, h: int, w: int
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        data, valid = self._crops(imgs, boxes, inds, h, w, 48)
+        data, valid = self._crops(integral, boxes, inds, h, w, 48)
         boxes, inds = boxes[valid], inds[valid]
         if len(boxes) == 0:
             return boxes, inds, np.zeros((0, 5, 2))
@@ -349,5 +445,5 @@ class MtcnnDetector:
         py = bh[:, None] * pts[:, 5:10] + boxes[:, 1:2] - 1
         points = np.stack([px, py], axis=2)
         boxes = _bbreg(boxes, reg)
-        pick = batched_nms(boxes[:, :4], boxes[:, 4], inds, 0.7, by_min=True)
+        pick = batched_nms(boxes[:, :4], boxes[:, 4], inds, 0.7, by_min=True, device=self.device)
         return boxes[pick], inds[pick], points[pick]

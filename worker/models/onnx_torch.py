@@ -149,9 +149,13 @@ def graph_input_names(model: Any) -> list[str]:
 
 
 def convert_onnx(
-    model: Any, device: torch.device, *, check_batch: int = 2, tolerance: float = 1e-4
+    model: Any, device: torch.device, *, check_batch: int = 2, tolerance: float = 5e-3
 ) -> TorchOnnxModel:
-    """Convert to torch on ``device``; batches only if a batch of ``check_batch`` matches per-sample runs."""
+    """Convert to torch on ``device``; batches only if a batch of ``check_batch`` matches per-sample runs.
+
+    The tolerance is relative to the output's magnitude: TF32 convolutions on CUDA differ between
+    batch sizes by ~1e-4, while a graph that hard-codes batch 1 fails or differs grossly.
+    """
     onnx2torch = import_onnx2torch()
     names = graph_input_names(model)
     try:
@@ -168,7 +172,8 @@ def convert_onnx(
                 batched = _as_tuple(graph_module(*inputs))
                 single = _as_tuple(wrapped(*inputs))
                 batches = all(
-                    b.shape == s.shape and float((b - s).abs().max()) <= tolerance
+                    b.shape == s.shape
+                    and float((b - s).abs().max()) <= tolerance * (1.0 + float(s.abs().max()))
                     for b, s in zip(batched, single, strict=True)
                 )
             except Exception:  # the graph hard-codes batch 1 somewhere we could not free

@@ -10,14 +10,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from shared.errors import ConfigError, FrameTooLargeError
-from shared.settings import Settings
 from worker.runtime.device import mem_get_info
 from worker.runtime.sizes import format_bytes, parse_bytes, parse_mps_limit
+
+if TYPE_CHECKING:  # settings are only read, never built, here
+    from shared.settings import Settings
 
 DEFAULT_TILE_CANDIDATES_PX = (512, 384, 256, 192, 128, 96, 64, 32)
 DEFAULT_SAFETY = 1.25  # cuDNN workspaces and allocator rounding vary with the tile size

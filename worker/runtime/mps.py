@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import logging
 import subprocess
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shared.errors import ConfigError
-from shared.settings import Settings
 from worker.runtime.sizes import MIB, format_bytes, parse_bytes
+
+if TYPE_CHECKING:  # settings are only read, never built, here
+    from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +143,18 @@ def build_client_envs(
 
 
 def build_worker_command(
-    client: ClientEnv, queues: Sequence[str], *, python: str, log_level: str
+    client: ClientEnv,
+    queues: Sequence[str],
+    *,
+    python: str,
+    log_level: str,
+    app: str = "worker.celery_app",
 ) -> list[str]:
-    """The Celery worker for one client: prefork, one pool process, its own node name, events on."""
+    """The Celery worker for one client: prefork, one pool process, its own node name, events on.
+
+    ``app`` is the Celery app module whose tasks the queues carry (the launcher passes the
+    dispatcher's for the ``cpu`` queue: the render app does not know plan/merge tasks).
+    """
     if not queues:
         raise ConfigError("--queues must name at least one queue (e.g. gpu,cpu)")
     return [
@@ -149,7 +162,7 @@ def build_worker_command(
         "-m",
         "celery",
         "-A",
-        "worker.celery_app",
+        app,
         "worker",
         "-P",
         "prefork",
@@ -173,9 +186,24 @@ def daemon_env(settings: Settings) -> dict[str, str]:
     }
 
 
-def is_mps_daemon_running(pipe_dir: Path) -> bool:
-    """A live control daemon keeps its ``control`` pipe in the pipe directory."""
-    return (pipe_dir / "control").exists()
+def mps_control_alive(proc_root: Path = Path("/proc")) -> bool:
+    """Whether an ``nvidia-cuda-mps-control`` process runs on this host (read-only /proc scan)."""
+    for comm in proc_root.glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() == MPS_CONTROL[:15]:  # the kernel truncates comm to 15 chars
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def is_mps_daemon_running(pipe_dir: Path, *, control_alive: Callable[[], bool] = mps_control_alive) -> bool:
+    """A control daemon listens on ``pipe_dir``: its ``control`` pipe is there and the process lives.
+
+    The pipe alone can be stale (a daemon that died leaves it behind), and we never write to a
+    daemon's pipe just to probe it.
+    """
+    return (pipe_dir / "control").exists() and control_alive()
 
 
 def build_daemon_start_command() -> list[str]:
@@ -190,14 +218,21 @@ def build_daemon_quit_command() -> tuple[list[str], str]:
 class MpsDaemon:
     """Starts the control daemon unless one is running, and stops it only if we started it."""
 
-    def __init__(self, settings: Settings, base_env: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        base_env: Mapping[str, str],
+        *,
+        control_alive: Callable[[], bool] = mps_control_alive,
+    ) -> None:
         self._settings = settings
         self._env = {**base_env, **daemon_env(settings)}
+        self._control_alive = control_alive
         self.started_by_us = False
 
     def start(self, timeout_s: float = 10.0) -> None:
         pipe_dir = self._settings.mps_pipe_dir
-        if is_mps_daemon_running(pipe_dir):
+        if is_mps_daemon_running(pipe_dir, control_alive=self._control_alive):
             log.info("reusing the MPS control daemon at %s", pipe_dir)
             return
         pipe_dir.mkdir(parents=True, exist_ok=True)
@@ -220,5 +255,15 @@ class MpsDaemon:
             return
         command, stdin = build_daemon_quit_command()
         subprocess.run(command, input=stdin, env=self._env, capture_output=True, text=True, timeout=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while is_mps_daemon_running(self._settings.mps_pipe_dir, control_alive=self._control_alive):
+            if time.monotonic() > deadline:
+                log.warning(
+                    "the MPS control daemon at %s did not stop within %s s",
+                    self._settings.mps_pipe_dir,
+                    timeout_s,
+                )
+                break
+            time.sleep(0.2)
         self.started_by_us = False
         log.info("stopped the MPS control daemon")

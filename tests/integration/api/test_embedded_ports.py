@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 from pathlib import Path
 
@@ -19,14 +18,15 @@ from facefarm.embedded import (
     stop_children,
     wait_for_redis,
 )
+from tests.support.services import require_tool
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 def test_a_service_whose_port_was_taken_is_restarted_on_another(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    require_tool("redis-server")
     squatter = socket.socket()
     squatter.bind(("127.0.0.1", 0))
     squatter.listen()

@@ -17,6 +17,7 @@ import av
 import pytest
 
 from shared.model_store import ensure_store
+from tests.support.services import require_tool
 
 pytestmark = pytest.mark.integration
 
@@ -28,8 +29,8 @@ RENDER_TIMEOUT_S = 420
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    if shutil.which("redis-server") is None or shutil.which("ffmpeg") is None:
-        pytest.skip("needs redis-server and ffmpeg")
+    require_tool("redis-server")
+    require_tool("ffmpeg")
     ensure_store(STORE)
     d = tmp_path_factory.mktemp("media")
     video = d / "tiny.mp4"

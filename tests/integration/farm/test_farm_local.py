@@ -17,7 +17,8 @@ from celery import Celery
 from dispatcher import service
 from dispatcher.reconciler import reconcile_once
 from shared.schemas import ChunkStatus, JobOptions, JobStatus, JobView
-from tests.integration.farm.conftest import BATCH_FRAMES, Farm, count_frames, keyframe_count
+from tests.integration.farm.conftest import BATCH_FRAMES, Farm
+from tests.support.media import count_frames, keyframe_count
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,8 @@ import pytest
 from dispatcher import service
 from shared.schemas import JobOptions, JobStatus
 from shared.storage import S3Storage
-from tests.integration.farm.conftest import Farm, count_frames
+from tests.integration.farm.conftest import Farm
+from tests.support.media import count_frames
 
 pytestmark = pytest.mark.integration
 

@@ -23,7 +23,9 @@ FPS = 25
 def clip_frames() -> np.ndarray:
     """8 astronaut frames (slow pan), 4 face-free frames, 8 camera frames: (20, 224, 224, 3)."""
     astronaut = cv2.resize(data.astronaut(), (SIZE_PX + 16, SIZE_PX + 16), interpolation=cv2.INTER_AREA)
-    camera = np.repeat(cv2.resize(data.camera(), (SIZE_PX, SIZE_PX), interpolation=cv2.INTER_AREA)[..., None], 3, 2)
+    camera = np.repeat(
+        cv2.resize(data.camera(), (SIZE_PX, SIZE_PX), interpolation=cv2.INTER_AREA)[..., None], 3, 2
+    )
     coffee = cv2.resize(data.coffee(), (SIZE_PX, SIZE_PX), interpolation=cv2.INTER_AREA)  # no face
     frames = [astronaut[i : i + SIZE_PX, i : i + SIZE_PX] for i in range(0, 16, 2)]
     frames += [coffee] * 4
@@ -35,9 +37,34 @@ def write_lossless(frames: np.ndarray, path: Path, *extra: str) -> Path:
     """RGB frames -> lossless H.264 4:4:4 (bit-exact RGB round trip is not needed: same YUV in, same out)."""
     h, w = frames.shape[1:3]
     subprocess.run(
-        ["ffmpeg", "-y", "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(FPS),
-         "-i", "-", "-c:v", "libx264", "-qp", "0", "-pix_fmt", "yuv444p", "-g", "6", *extra, str(path)],
-        input=frames.tobytes(), check=True,
+        [
+            "ffmpeg",
+            "-y",
+            "-v",
+            "error",
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+            "-s",
+            f"{w}x{h}",
+            "-r",
+            str(FPS),
+            "-i",
+            "-",
+            "-c:v",
+            "libx264",
+            "-qp",
+            "0",
+            "-pix_fmt",
+            "yuv444p",
+            "-g",
+            "6",
+            *extra,
+            str(path),
+        ],
+        input=frames.tobytes(),
+        check=True,
     )
     return path
 
@@ -61,8 +88,22 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> Clip:
     frames = clip_frames()
     video = write_lossless(frames, root / "clip.mp4")
     rotated = root / "rotated.mp4"
-    subprocess.run(["ffmpeg", "-y", "-v", "error", "-i", str(video), "-c", "copy",
-                    "-metadata:s:v:0", "rotate=90", str(rotated)], check=True)
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-y",
+            "-v",
+            "error",
+            "-i",
+            str(video),
+            "-c",
+            "copy",
+            "-metadata:s:v:0",
+            "rotate=90",
+            str(rotated),
+        ],
+        check=True,
+    )
     import insightface
 
     hanks = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"

@@ -26,14 +26,25 @@ FACE_FRAMES = [*range(0, 8), *range(12, 20)]
 NO_FACE_FRAMES = [8, 9, 10, 11]
 
 
-def chunk_specs(video: Path, settings: Settings, options: JobOptions, *, chunk_frames: int) -> list[ChunkSpec]:
+def chunk_specs(
+    video: Path, settings: Settings, options: JobOptions, *, chunk_frames: int
+) -> list[ChunkSpec]:
     info = probe(str(video))
     encoder = encoder_settings_for(info, options, settings)
     return [
         ChunkSpec(
-            job_id="pipeline-test", index=c.index, start_frame=c.start_frame, end_frame=c.end_frame,
-            warmup_frames=c.warmup_frames, seek_pts=c.seek_pts, seek_frame=c.seek_frame,
-            source_uri=video.as_uri(), face_uri="unused", output_uri="unused", options=options, encoder=encoder,
+            job_id="pipeline-test",
+            index=c.index,
+            start_frame=c.start_frame,
+            end_frame=c.end_frame,
+            warmup_frames=c.warmup_frames,
+            seek_pts=c.seek_pts,
+            seek_frame=c.seek_frame,
+            source_uri=video.as_uri(),
+            face_uri="unused",
+            output_uri="unused",
+            options=options,
+            encoder=encoder,
         )
         for c in plan_chunks(info, chunk_frames=chunk_frames, warmup_frames=3)
     ]
@@ -43,8 +54,16 @@ def render_all(specs: list[ChunkSpec], video: Path, face: Path, settings: Settin
     paths = []
     for spec in specs:
         path = out / f"chunk{spec.index}.mp4"
-        stats = render_chunk(spec, source=str(video), face_path=face, output_path=path, settings=settings,
-                             on_progress=lambda n: None, should_stop=lambda: False, log=lambda line: None)
+        stats = render_chunk(
+            spec,
+            source=str(video),
+            face_path=face,
+            output_path=path,
+            settings=settings,
+            on_progress=lambda n: None,
+            should_stop=lambda: False,
+            log=lambda line: None,
+        )
         assert stats.frames == spec.frame_count
         paths.append(path)
     return paths
@@ -63,8 +82,23 @@ def decode_all(paths: list[Path]) -> np.ndarray:
 
 
 def packet_pts(path: Path) -> list[int]:
-    out = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries", "packet=pts",
-                          "-of", "csv=p=0", str(path)], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            "ffprobe",
+            "-v",
+            "error",
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+            "packet=pts",
+            "-of",
+            "csv=p=0",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return sorted(int(x) for x in out.split())
 
 
@@ -90,15 +124,34 @@ def rendered(clip: Clip, pipeline_store: Path, lossless_options: JobOptions, tmp
     for spec in specs:
         path = out / f"ref{spec.index}.mp4"
         with open_encoder(path, spec.encoder) as enc:
-            for batch in decode_range(str(clip.video), start_frame=spec.start_frame, end_frame=spec.end_frame,
-                                      warmup_frames=0, seek_pts=spec.seek_pts, seek_frame=spec.seek_frame,
-                                      batch_frames=4):
+            for batch in decode_range(
+                str(clip.video),
+                start_frame=spec.start_frame,
+                end_frame=spec.end_frame,
+                warmup_frames=0,
+                seek_pts=spec.seek_pts,
+                seek_frame=spec.seek_frame,
+                batch_frames=4,
+            ):
                 enc.write(batch.frames, batch.pts)
         reference.append(path)
     return {"specs": specs, "swapped": swapped, "reference": reference}
 
 
-def test_chunks_start_between_keyframes_and_keep_every_frame_and_timestamp(clip: Clip, rendered: dict) -> None:
+@pytest.fixture(scope="module")
+def decoded(rendered: dict, face_detector: MtcnnDetector) -> dict:
+    """Both renders decoded, and the faces of the reference frames detected once (as one batch)."""
+    reference = decode_all(rendered["reference"])
+    return {
+        "swapped": decode_all(rendered["swapped"]),
+        "reference": reference,
+        "faces": face_detector.detect(reference),
+    }
+
+
+def test_chunks_start_between_keyframes_and_keep_every_frame_and_timestamp(
+    clip: Clip, rendered: dict
+) -> None:
     specs = rendered["specs"]
     assert len(specs) >= 3 and any(s.start_frame != s.seek_frame for s in specs)
     source_pts = packet_pts(clip.video)
@@ -107,48 +160,50 @@ def test_chunks_start_between_keyframes_and_keep_every_frame_and_timestamp(clip:
     assert len(decode_all(rendered["swapped"])) == len(clip.frames)
 
 
-def test_faceless_frames_and_pixels_away_from_faces_are_bit_identical(
-    rendered: dict, face_detector: MtcnnDetector
-) -> None:
-    swapped = decode_all(rendered["swapped"])
-    reference = decode_all(rendered["reference"])
+def test_faceless_frames_and_pixels_away_from_faces_are_bit_identical(decoded: dict) -> None:
+    swapped, reference = decoded["swapped"], decoded["reference"]
     for i in NO_FACE_FRAMES:
         assert np.array_equal(swapped[i], reference[i]), f"face-free frame {i} changed"
     for i in FACE_FRAMES:
-        faces = face_detector.detect(reference[i][None])[0]
+        faces = decoded["faces"][i]
         assert faces, f"no face detected in reference frame {i}"
         allowed = np.zeros(reference[i].shape[:2], bool)
         for face in faces:
             x1, y1, x2, y2 = face.box
             pad_x, pad_y = 0.35 * (x2 - x1), 0.35 * (y2 - y1)
-            allowed[max(0, int(y1 - pad_y)) : int(y2 + pad_y) + 1, max(0, int(x1 - pad_x)) : int(x2 + pad_x) + 1] = True
+            allowed[
+                max(0, int(y1 - pad_y)) : int(y2 + pad_y) + 1, max(0, int(x1 - pad_x)) : int(x2 + pad_x) + 1
+            ] = True
         changed = np.any(swapped[i] != reference[i], axis=2)
         assert changed.any(), f"frame {i} was not swapped"
         assert not changed[~allowed].any(), f"frame {i} changed outside its faces"
 
 
 def test_every_output_face_looks_more_like_the_source_than_the_target(
-    clip: Clip, rendered: dict, face_detector: MtcnnDetector
+    clip: Clip, decoded: dict, face_detector: MtcnnDetector
 ) -> None:
     source = load_source_face(decode_image(clip.face), face_detector)
     source_inner = inner_face(source.image, source.face.landmarks)
-    swapped = decode_all(rendered["swapped"])
-    reference = decode_all(rendered["reference"])
+    swapped, reference = decoded["swapped"], decoded["reference"]
     for i in FACE_FRAMES:
-        face = face_detector.detect(reference[i][None])[0][0]
+        face = decoded["faces"][i][0]
         out = inner_face(swapped[i], face.landmarks)
         to_source = np.linalg.norm(out - source_inner)
         to_target = np.linalg.norm(out - inner_face(reference[i], face.landmarks))
         assert to_source < to_target, (i, to_source, to_target)
 
 
-def test_a_rotated_input_comes_out_upright(clip: Clip, pipeline_store: Path, lossless_options, tmp_path) -> None:
+def test_a_rotated_input_comes_out_upright(
+    clip: Clip, pipeline_store: Path, lossless_options, tmp_path
+) -> None:
     settings = Settings(device="cpu", model_store=str(pipeline_store), batch_frames=4, encoder_threads=1)
     specs = chunk_specs(clip.rotated, settings, lossless_options, chunk_frames=10)
     out = decode_all(render_all(specs, clip.rotated, clip.face, settings, tmp_path))
     upright = subprocess.run(  # the ffmpeg CLI autorotates: the reference for "upright"
         ["ffmpeg", "-v", "error", "-i", str(clip.rotated), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
-        capture_output=True, check=True).stdout
+        capture_output=True,
+        check=True,
+    ).stdout
     expected = np.frombuffer(upright, np.uint8).reshape(out.shape)
     for i in NO_FACE_FRAMES:
         # 4:2:0 re-encoding of a 4:4:4 source costs ~2-3 levels; a wrong orientation costs tens.
@@ -163,17 +218,33 @@ def test_cancel_stops_between_batches(clip: Clip, cpu_settings: Settings, lossle
     spec = chunk_specs(clip.video, cpu_settings, lossless_options, chunk_frames=20)[0]
     progress: list[int] = []
     with pytest.raises(JobCancelledError):
-        render_chunk(spec, source=str(clip.video), face_path=clip.face, output_path=tmp_path / "c.mp4",
-                     settings=cpu_settings, on_progress=progress.append, should_stop=lambda: bool(progress),
-                     log=lambda line: None)
+        render_chunk(
+            spec,
+            source=str(clip.video),
+            face_path=clip.face,
+            output_path=tmp_path / "c.mp4",
+            settings=cpu_settings,
+            on_progress=progress.append,
+            should_stop=lambda: bool(progress),
+            log=lambda line: None,
+        )
     assert progress == [cpu_settings.batch_frames - spec.warmup_frames] or len(progress) == 1
 
 
-def test_a_face_image_without_a_face_fails_the_chunk_clearly(clip: Clip, cpu_settings, lossless_options, tmp_path) -> None:
+def test_a_face_image_without_a_face_fails_the_chunk_clearly(
+    clip: Clip, cpu_settings, lossless_options, tmp_path
+) -> None:
     blank = tmp_path / "blank.png"
     cv2.imwrite(str(blank), np.full((200, 200, 3), 127, np.uint8))
     spec = chunk_specs(clip.video, cpu_settings, lossless_options, chunk_frames=20)[0]
     with pytest.raises(NoFaceError, match="face"):
-        render_chunk(spec, source=str(clip.video), face_path=blank, output_path=tmp_path / "c.mp4",
-                     settings=cpu_settings, on_progress=lambda n: None, should_stop=lambda: False,
-                     log=lambda line: None)
+        render_chunk(
+            spec,
+            source=str(clip.video),
+            face_path=blank,
+            output_path=tmp_path / "c.mp4",
+            settings=cpu_settings,
+            on_progress=lambda n: None,
+            should_stop=lambda: False,
+            log=lambda line: None,
+        )

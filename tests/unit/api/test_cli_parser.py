@@ -6,7 +6,15 @@ import argparse
 
 import pytest
 
-from facefarm.cli import build_parser, flower_args, flower_env, job_options_from_args, main, parse_time_s
+from facefarm.cli import (
+    FLOWER_TASKS_COLUMNS,
+    build_parser,
+    flower_args,
+    flower_env,
+    job_options_from_args,
+    main,
+    parse_time_s,
+)
 from shared.errors import ConfigError
 from shared.schemas import JobOptions
 from shared.settings import Settings
@@ -147,7 +155,14 @@ def test_flower_gets_auth_through_the_environment_not_argv() -> None:
     args = flower_args(settings, python="py")
     assert args == ["py", "-m", "celery", "-A", "dispatcher.celery_app", "flower", "--port=5599"]
     assert "s3cret" not in " ".join(args)
-    assert flower_env(settings, {"PATH": "/bin"}) == {"PATH": "/bin", "FLOWER_BASIC_AUTH": "ops:s3cret"}
+    env = flower_env(settings, {"PATH": "/bin"})
+    assert env == {
+        "PATH": "/bin",
+        "FLOWER_BASIC_AUTH": "ops:s3cret",
+        "FLOWER_TASKS_COLUMNS": FLOWER_TASKS_COLUMNS,
+    }
+    assert "args" in FLOWER_TASKS_COLUMNS.split(",")  # render tasks show job id and chunk index
+    assert flower_env(settings, {"FLOWER_TASKS_COLUMNS": "name"})["FLOWER_TASKS_COLUMNS"] == "name"
 
 
 def test_missing_input_is_one_clear_line_and_nonzero(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]

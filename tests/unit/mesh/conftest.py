@@ -101,3 +101,21 @@ def target_clip(detector, camera_rgb, t1, tom_hanks) -> tuple[np.ndarray, list[s
     frames += [wall, np.full((TILE_PX, TILE_PX, 3), 90, np.uint8)]
     labels += ["no-face-wall", "no-face-flat"]
     return np.stack(frames), labels
+
+
+@pytest.fixture(scope="session")
+def source_tom(detector, tom_hanks):
+    """The swap source: Tom Hanks (closed mouth, frontal), padded aligned crop, and its face."""
+    return tom_hanks, detector.detect(tom_hanks)[0][0]
+
+
+@pytest.fixture(scope="session")
+def swap_clip(detector, target_clip, astronaut) -> tuple[np.ndarray, list[str], list]:
+    """The target clip with the astronaut (open smile) in place of the source's own face."""
+    frames, labels = target_clip
+    frames = frames.copy()
+    labels = list(labels)
+    i = labels.index("tom")
+    frames[i] = tile_around(astronaut, detector.detect(astronaut)[0][0].box)
+    labels[i] = "astronaut"
+    return frames, labels, detector.detect(frames)

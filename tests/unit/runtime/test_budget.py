@@ -81,7 +81,9 @@ def test_budget_accounts_owners_and_refuses_overdraft() -> None:
     free_bytes=st.integers(0, 10**11),
     max_batch=st.integers(1, 256),
 )
-def test_batch_plan_never_exceeds_the_free_bytes(bytes_per_item: int, free_bytes: int, max_batch: int) -> None:
+def test_batch_plan_never_exceeds_the_free_bytes(
+    bytes_per_item: int, free_bytes: int, max_batch: int
+) -> None:
     batch = plan_batch(bytes_per_item, free_bytes, max_batch)
     assert 0 <= batch <= max_batch
     assert batch * bytes_per_item <= free_bytes

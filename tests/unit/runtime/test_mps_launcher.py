@@ -25,6 +25,7 @@ from worker.runtime.mps import (
     build_daemon_start_command,
     build_worker_command,
     is_mps_daemon_running,
+    mps_control_alive,
     resolve_mps_mode,
 )
 from worker.runtime.sizes import GIB, MIB, parse_mps_limit
@@ -80,7 +81,12 @@ def test_an_explicit_budget_becomes_the_limit_plus_the_context_and_must_fit_the_
     assert client.mem_limit_bytes == 2 * GIB + CONTEXT_RESERVE_BYTES
     with pytest.raises(ConfigError, match="lower --per-gpu"):
         build_client_envs(
-            [0], 8, "managed", settings(gpu_budget="12GiB"), mps_daemon_running=False, total_bytes_by_gpu={0: H100}
+            [0],
+            8,
+            "managed",
+            settings(gpu_budget="12GiB"),
+            mps_daemon_running=False,
+            total_bytes_by_gpu={0: H100},
         )
 
 
@@ -132,10 +138,15 @@ def test_gpu_selection_checks_what_nvml_lists() -> None:
 def test_a_running_daemon_is_reused_and_never_stopped_by_us(tmp_path: Path) -> None:
     pipe = tmp_path / "pipe"
     pipe.mkdir()
-    assert not is_mps_daemon_running(pipe)
+    assert not is_mps_daemon_running(pipe, control_alive=lambda: True)
     (pipe / "control").touch()
-    assert is_mps_daemon_running(pipe)
-    daemon = MpsDaemon(settings(mps_pipe_dir=pipe, mps_log_dir=tmp_path / "log"), {"PATH": "/nonexistent"})
+    assert not is_mps_daemon_running(pipe, control_alive=lambda: False)  # a stale pipe
+    assert is_mps_daemon_running(pipe, control_alive=lambda: True)
+    daemon = MpsDaemon(
+        settings(mps_pipe_dir=pipe, mps_log_dir=tmp_path / "log"),
+        {"PATH": "/nonexistent"},
+        control_alive=lambda: True,
+    )
     daemon.start()  # reuses: does not even look for nvidia-cuda-mps-control
     assert daemon.started_by_us is False
     daemon.stop()  # not ours: no quit is sent (the PATH has no control binary to send it)
@@ -147,6 +158,7 @@ def test_starting_a_daemon_without_the_driver_tools_is_a_clear_error(tmp_path: P
     daemon = MpsDaemon(
         settings(mps_pipe_dir=tmp_path / "pipe", mps_log_dir=tmp_path / "log"), {"PATH": str(tmp_path)}
     )
+    assert not mps_control_alive(tmp_path)  # an empty /proc: no control process
     with pytest.raises(ConfigError, match="nvidia-cuda-mps-control"):
         daemon.start()
 
@@ -178,3 +190,17 @@ def test_a_worker_that_dies_on_its_own_gives_a_failing_exit_code() -> None:
     client = ClientEnv(gpu=None, slot=0, node_name="cpu0-0@%h", mps_mode="off")
     supervisor.start(client, [sys.executable, "-c", "raise SystemExit(3)"], {})
     assert supervisor.wait() == 3
+
+
+def test_the_cpu_queue_goes_to_the_dispatcher_app_that_registers_plan_and_merge() -> None:
+    from facefarm.launcher import DISPATCHER_APP, dispatcher_client, split_queues
+
+    assert split_queues(["gpu"]) == (["gpu"], [])
+    assert split_queues(["cpu"]) == ([], ["cpu"])
+    assert split_queues(["gpu", "cpu"]) == (["gpu"], ["cpu"])
+    client = dispatcher_client()
+    command = build_worker_command(client, ["cpu"], python="py", log_level="INFO", app=DISPATCHER_APP)
+    assert command[command.index("-A") + 1] == "dispatcher.celery_app"
+    # a CPU render worker on the same node is cpu0-0@%h: the names must not clash
+    assert command[command.index("-n") + 1] == "dispatch-0@%h"
+    assert client.env == {"CUDA_VISIBLE_DEVICES": ""}

