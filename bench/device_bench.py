@@ -125,7 +125,7 @@ def time_calls(fn: Callable[[], Any], device: torch.device, *, warmup: int, iter
 def psnr_db(out: Tensor, ref: Tensor) -> float:
     """PSNR of ``out`` against ``ref`` (both [0,1] images, compared in fp64 after clamping)."""
     a = out.detach().double().clamp(0, 1)
-    b = ref.detach().double().clamp(0, 1)
+    b = ref.detach().to(a.device).double().clamp(0, 1)
     mse = float(torch.mean((a - b) ** 2))
     return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
 
@@ -174,10 +174,14 @@ def run_variant(
     warmup: int,
     iters: int,
     compiled: bool = False,
+    reference: bool = False,
     note: str = "",
     compare: Callable[[Tensor], Tensor] = lambda out: out[:1],
 ) -> dict[str, Any] | None:
-    """Build, run once (compile/autotune happens here, timed separately), check, then time."""
+    """Build, run once (compile/autotune happens here, timed separately), check, then time.
+
+    ``reference`` rows run with cuDNN autotuning off (Real-ESRGAN's default); ours with it on.
+    """
     if compiled and not ctx.compile:
         return None
     if compiled and ctx.left_s() < COMPILE_RESERVE_S:
@@ -186,36 +190,13 @@ def run_variant(
     if ctx.left_s() < 10:
         rows.append({"variant": label, "skipped": "out of time"})
         return None
-    row: dict[str, Any] = {"variant": label}
+    row: dict[str, Any] = {"variant": label, "cudnn_benchmark": not reference}
     if note:
         row["note"] = note
     try:
-        free_memory(ctx.device)
-        call = build()
-        started = time.perf_counter()
-        with torch.inference_mode():
-            out = call()
-        synchronize(ctx.device)
-        row["first_call_s"] = round(time.perf_counter() - started, 3)
-        if ref is not None:
-            row["psnr_db"] = round(psnr_db(compare(out).float(), ref), 2)
-        del out
-        if iters > 0:
-            stats = time_calls(call, ctx.device, warmup=max(0, warmup - 1), iters=iters)
-        else:  # smoke runs: the first call is the only one
-            stats = {
-                "median_s": row["first_call_s"],
-                "min_s": row["first_call_s"],
-                "max_s": row["first_call_s"],
-                "runs": 1,
-            }
-        row.update({k: round(v, 6) if isinstance(v, float) else v for k, v in stats.items()})
-        row["items_per_call"] = items
-        row["fps"] = round(items / stats["median_s"], 3)
-        row["peak_gib"] = peak_gib(ctx.device)
-        if flop_per_item:
-            row["tflop_s"] = round(flop_per_item * items / stats["median_s"] / 1e12, 1)
-            row["of_peak"] = round(flop_per_item * items / stats["median_s"] / PEAK_FLOP_S, 4)
+        with cudnn_benchmark(not reference):
+            _measure(ctx, row, build, items=items, ref=ref, flop_per_item=flop_per_item, warmup=warmup,
+                     iters=iters, compare=compare)  # fmt: skip
     except Exception as exc:  # recorded; the next variant still runs
         row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
         row["traceback"] = traceback.format_exc()[-4000:]
@@ -223,6 +204,46 @@ def run_variant(
         free_memory(ctx.device)
     rows.append(row)
     return row
+
+
+def _measure(
+    ctx: BenchContext,
+    row: dict[str, Any],
+    build: Callable[[], Callable[[], Tensor]],
+    *,
+    items: int,
+    ref: Tensor | None,
+    flop_per_item: float | None,
+    warmup: int,
+    iters: int,
+    compare: Callable[[Tensor], Tensor],
+) -> None:
+    free_memory(ctx.device)
+    call = build()
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = call()
+    synchronize(ctx.device)
+    row["first_call_s"] = round(time.perf_counter() - started, 3)
+    if ref is not None:
+        row["psnr_db"] = round(psnr_db(compare(out).float(), ref), 2)
+    del out
+    if iters > 0:
+        stats = time_calls(call, ctx.device, warmup=max(0, warmup - 1), iters=iters)
+    else:  # smoke runs: the first call is the only one
+        stats = {
+            "median_s": row["first_call_s"],
+            "min_s": row["first_call_s"],
+            "max_s": row["first_call_s"],
+            "runs": 1,
+        }
+    row.update({k: round(v, 6) if isinstance(v, float) else v for k, v in stats.items()})
+    row["items_per_call"] = items
+    row["fps"] = round(items / stats["median_s"], 3)
+    row["peak_gib"] = peak_gib(ctx.device)
+    if flop_per_item:
+        row["tflop_s"] = round(flop_per_item * items / stats["median_s"] / 1e12, 1)
+        row["of_peak"] = round(flop_per_item * items / stats["median_s"] / PEAK_FLOP_S, 4)
 
 
 def with_ratio(rows: list[dict[str, Any]], baseline_label: str) -> None:
@@ -238,6 +259,17 @@ def with_ratio(rows: list[dict[str, Any]], baseline_label: str) -> None:
 def best_row(rows: list[dict[str, Any]], *, min_psnr_db: float = 40.0) -> dict[str, Any] | None:
     ok = [r for r in rows if r.get("fps") and r.get("psnr_db", min_psnr_db) >= min_psnr_db]
     return max(ok, key=lambda r: r["fps"]) if ok else None
+
+
+@contextmanager
+def cudnn_benchmark(enabled: bool) -> Iterator[None]:
+    """cuDNN autotuning on or off for one variant (the references run with Real-ESRGAN's default, off)."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 @contextmanager
@@ -296,7 +328,7 @@ def part_sr(ctx: BenchContext) -> dict[str, Any]:
     half, bf16 = ctx.half, ctx.bf16
     x_half, x_bf16 = x32.to(half), x32.to(bf16)
     del x32
-    common = {"ref": ref, "flop_per_item": flop, "warmup": warmup, "iters": iters, "items": 1}
+    common: dict[str, Any] = {"ref": ref, "flop_per_item": flop, "warmup": warmup, "iters": iters, "items": 1}
     baseline = "reference eager fp16 NCHW, whole frame, batch 1"
 
     def reference(dtype: torch.dtype, x: Tensor, tiled: bool = False) -> Callable[[], Callable[[], Tensor]]:
@@ -322,9 +354,10 @@ def part_sr(ctx: BenchContext) -> dict[str, Any]:
 
         return build
 
-    run_variant(ctx, rows, baseline, reference(half, x_half), **common)
+    run_variant(ctx, rows, baseline, reference(half, x_half), reference=True, **common)
     run_variant(ctx, rows, "reference eager fp16, 256 px tiles one at a time (RealESRGANer)", reference(half, x_half, tiled=True),
-                note="tiles differ from a whole-frame run by design", **common)  # fmt: skip
+                reference=True, note="tiles differ from a whole-frame run by design", **common)  # fmt: skip
+    run_variant(ctx, rows, "reference eager fp16 NCHW + cudnn.benchmark", reference(half, x_half), **common)
     run_variant(
         ctx, rows, "eager fp16 channels_last whole frame", ours(half, x_half, SpeedOptions()), **common
     )
@@ -422,12 +455,14 @@ def part_anime(ctx: BenchContext) -> dict[str, Any]:
         return build
 
     def variant(
-        label: str, dtype: torch.dtype, batch: int, options: SpeedOptions | None, compiled: bool = False
-    ) -> None:
+        label: str, dtype: torch.dtype, batch: int, options: SpeedOptions | None, compiled: bool = False,
+        reference: bool = False,
+    ) -> None:  # fmt: skip
         run_variant(ctx, rows, label, build_for(dtype, batch, options), items=batch, ref=ref, flop_per_item=flop,
-                    warmup=warmup, iters=iters, compiled=compiled)  # fmt: skip
+                    warmup=warmup, iters=iters, compiled=compiled, reference=reference)  # fmt: skip
 
-    variant(baseline, half, 1, None)
+    variant(baseline, half, 1, None, reference=True)
+    variant("reference eager fp16 NCHW batch 1 + cudnn.benchmark", half, 1, None)
     for b in batches:
         variant(f"eager fp16 channels_last batch {b}", half, b, SpeedOptions())
     big = batches[-1]
@@ -500,7 +535,7 @@ def part_swapper(ctx: BenchContext) -> dict[str, Any]:
 
     for b in batches:
         run_variant(ctx, rows, f"eager {half} NCHW batch {b}", build_for(b, None), items=b, ref=ref,
-                    flop_per_item=None, warmup=warmup, iters=iters)  # fmt: skip
+                    flop_per_item=None, warmup=warmup, iters=iters, reference=True)  # fmt: skip
     for b in batches:
         run_variant(ctx, rows, f"channels_last + CUDA graph batch {b}", build_for(b, SpeedOptions(cuda_graphs=True)),
                     items=b, ref=ref, flop_per_item=None, warmup=warmup, iters=iters)  # fmt: skip
@@ -574,7 +609,13 @@ def part_landmarks(ctx: BenchContext) -> dict[str, Any]:
         try:
             measured = benchmark_landmarks(
                 str(ctx.device), batch, dtype, store=ctx.store, iterations=iterations, compile_net=compiled)  # fmt: skip
-            rows.append({"variant": "compiled" if compiled else "eager", **measured, "fps": round(float(measured["faces_per_s"]), 1)})
+            rows.append(
+                {
+                    "variant": "compiled" if compiled else "eager",
+                    **measured,
+                    "fps": round(float(measured["faces_per_s"]), 1),
+                }
+            )
         except Exception as exc:
             rows.append(
                 {
@@ -665,7 +706,8 @@ def _pipeline_runs(ctx: BenchContext, device: torch.device, width: int, height: 
     rows: list[dict[str, Any]] = []
     result["runs"] = rows
     settings = Settings(device=str(device), model_store=str(ctx.store), model_cache_dir=ctx.work / "model-cache",
-                        batch_frames=8)  # fmt: skip
+                        batch_frames=8, encoder_threads=ctx.encoder_threads,
+                        sr_compile=ctx.compile and device.type == "cuda")  # fmt: skip
 
     def spec_for(case: PipelineCase, end_frame: int, name: str) -> ChunkSpec:
         encoder = EncoderSettings(
@@ -673,9 +715,15 @@ def _pipeline_runs(ctx: BenchContext, device: torch.device, width: int, height: 
             time_base_num=clip.time_base.numerator, time_base_den=clip.time_base.denominator,
             fps_num=clip.fps.numerator, fps_den=clip.fps.denominator, threads=ctx.encoder_threads,
         )  # fmt: skip
-        options = JobOptions(
-            swapper=case.swapper, upscale=case.upscale, sr_model=ANIME_MODEL, crf=18, preset="veryfast"
-        )  # type: ignore[arg-type]
+        options = JobOptions.model_validate(
+            {
+                "swapper": case.swapper,
+                "upscale": case.upscale,
+                "sr_model": ANIME_MODEL,
+                "crf": 18,
+                "preset": "veryfast",
+            }
+        )
         return ChunkSpec(job_id="bench", index=0, start_frame=0, end_frame=end_frame, warmup_frames=0,
                          seek_pts=clip.first_pts, seek_frame=0, source_uri=str(clip.path), face_uri=str(face_path),
                          output_uri=str(work / name), options=options, encoder=encoder)  # fmt: skip
@@ -699,16 +747,22 @@ def _pipeline_runs(ctx: BenchContext, device: torch.device, width: int, height: 
             "swapper": case.swapper,
             "mode": case.mode,
         }
+        # cuDNN autotuning as each way really runs: the per-frame tools and today's session leave it off.
+        row["cudnn_benchmark"] = case.mode == "accelerated"
         try:
             free_memory(device)
             output = work / f"{case.mode}-{case.swapper}-x{case.upscale}.mp4"
+            torch.backends.cudnn.benchmark = row["cudnn_benchmark"]
             if case.mode == "per_frame":
                 sr = baselines.load_reference_sr(ANIME_MODEL, ctx.store, device) if case.upscale > 1 else None
-                run = lambda n, out: baselines.run_per_frame_pipeline(  # noqa: E731
-                    source=clip.path, frames=n, first_pts=clip.first_pts, face_image=ctx.images[SOURCE_FACE],
-                    store=ctx.store, device=device, sr_model=sr, upscale=case.upscale,
-                    encoder=spec_for(case, n, out.name).encoder, output=out, swapper=case.swapper,
-                )  # fmt: skip
+
+                def run(n: int, out: Path, case: PipelineCase = case, sr: SrModel | None = sr) -> Any:
+                    return baselines.run_per_frame_pipeline(
+                        source=clip.path, frames=n, first_pts=clip.first_pts, face_image=ctx.images[SOURCE_FACE],
+                        store=ctx.store, device=device, sr_model=sr, upscale=case.upscale,
+                        encoder=spec_for(case, n, out.name).encoder, output=out, swapper=case.swapper,
+                    )  # fmt: skip
+
                 run(min(8, frames), work / "warmup.mp4")
                 measured = run(frames, output)
                 row.update(frames=measured.frames, wall_s=round(measured.wall_s, 3), cpu_s=round(measured.cpu_s, 3),

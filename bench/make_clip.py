@@ -152,8 +152,8 @@ def read_clip_info(path: Path) -> ClipInfo:
             path=Path(path),
             width=stream.codec_context.width,
             height=stream.codec_context.height,
-            fps=Fraction(rate) if rate else Fraction(30),
-            time_base=Fraction(stream.time_base),
+            fps=Fraction(rate) if rate is not None else Fraction(30),
+            time_base=Fraction(stream.time_base or Fraction(1, 90000)),
             frames=len(pts),
             first_pts=pts[0] if pts else 0,
         )

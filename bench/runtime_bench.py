@@ -283,7 +283,10 @@ def part_paging(budget_bytes: int, tokens: int, frames: int) -> dict[str, Any]:
         for name, m in models.items()
     }
     total_weights = sum(weights_bytes(list(m.parameters())) for m in models.values())
-    activation_reserve = 3 * tokens * 2048 * 2 + 32 * MIB
+    # The stage inputs are test data, not the pipeline's: they sit in the capped allocator too.
+    inputs_bytes = sum(weights_bytes([t]) for t in inputs.values())
+    # plus a quarter of the budget for the caching allocator's rounding and fragmentation
+    activation_reserve = 3 * tokens * 2048 * 2 + 32 * MIB + inputs_bytes + budget_bytes // 4
     res: dict[str, Any] = {
         "stand_ins_params": {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()},
         "weights_total_bytes": total_weights,

@@ -78,7 +78,7 @@ class BoundLatent(nn.Module):
         self.register_buffer("latent", latent.reshape(1, -1))
 
     def forward(self, target: Tensor) -> Tensor:
-        latent = self.latent.to(target.dtype).expand(target.shape[0], -1)
+        latent = self.get_buffer("latent").to(target.dtype).expand(target.shape[0], -1)
         return self.net(target, latent)
 
 

@@ -14,6 +14,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
+
 from dispatcher.planner import (
     ChunkRange,
     check_limits,
@@ -24,7 +27,7 @@ from dispatcher.planner import (
     planning_notes,
 )
 from dispatcher.service import FarmContext, enqueue_renders
-from shared.errors import FaceFarmError, InvalidVideoError
+from shared.errors import FaceFarmError, InvalidImageError, InvalidVideoError, LimitExceededError, NoFaceError
 from shared.faults import fire, select
 from shared.media import VideoInfo, display_name, probe
 from shared.names import storage_chunk_key, storage_output_key
@@ -36,6 +39,8 @@ from shared.storage import Storage
 CHUNK_EXT = "mp4"
 OUTPUT_EXT = "mp4"
 MIN_MERGE_LEASE_S = 10.0
+MAX_FACE_IMAGE_BYTES = 50 * 1024 * 1024
+MIN_FACE_IMAGE_PX = 32
 
 
 def plan_job_now(ctx: FarmContext, job_id: str) -> dict[str, Any]:
@@ -60,6 +65,8 @@ def plan_job_now(ctx: FarmContext, job_id: str) -> dict[str, Any]:
         raise InvalidVideoError(message, **exc.context) from exc
     options = job.options
     check_limits(info, options, settings)
+    face_name = job.audit.get("input_names", {}).get("face") or "face image"
+    check_face_image(storage, job.face_uri, face_name)
     if options.start_s is not None or options.end_s is not None:
         start_frame, end_frame = frame_range_for(info, options.start_s, options.end_s)
     else:
@@ -106,6 +113,33 @@ def plan_job_now(ctx: FarmContext, job_id: str) -> dict[str, Any]:
         store.append_log(job_id, f"note: {note}")
     order = enqueue_renders(ctx, job_id)
     return {"job_id": job_id, "chunks": len(specs), "order": order}
+
+
+def check_face_image(storage: Storage, uri: str, name: str) -> None:
+    """Refuse, before any GPU work, a face image that is empty, unreadable or too small to hold a face.
+
+    Whether it shows a usable face needs the detector, so that is checked by the first render
+    attempt (a permanent ``NoFaceError``, no retries).
+    """
+    size = storage.size(uri)
+    if size == 0:
+        raise InvalidImageError(f"face image {name} is empty (0 bytes); give a JPEG or PNG photo with a face")
+    if size > MAX_FACE_IMAGE_BYTES:
+        raise LimitExceededError(
+            f"face image {name} is {size} bytes; the limit is {MAX_FACE_IMAGE_BYTES}; give a smaller photo"
+        )
+    data = storage.open_range(uri, 0, size - 1)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None or image.size == 0:
+        raise InvalidImageError(
+            f"face image {name} is not a readable image ({size} bytes); give a JPEG, PNG or WebP photo"
+        )
+    height, width = image.shape[:2]
+    if min(height, width) < MIN_FACE_IMAGE_PX:
+        raise NoFaceError(
+            f"face image {name} is {width}x{height} px, too small to hold a usable face "
+            f"(at least {MIN_FACE_IMAGE_PX} px a side); use a larger photo"
+        )
 
 
 def merge_job_now(ctx: FarmContext, job_id: str, workdir: Path, *, timeout_s: float) -> dict[str, Any]:

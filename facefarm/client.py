@@ -8,6 +8,7 @@ branch on classes, never on status codes or message text. Tests inject ``transpo
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -62,6 +63,33 @@ def _read_error_body(response: httpx.Response) -> tuple[str, str | None]:
     return str(body), None
 
 
+class RedactPresignedUrls(logging.Filter):
+    """Drop the query of presigned URLs from httpx's request log: it is a download credential.
+
+    Downloads follow the API's redirect to a presigned S3 URL, whose query carries the access key
+    id and a signature valid for hours; httpx logs every request URL at INFO.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_redacted(a) for a in record.args)
+        return True
+
+
+def _redacted(value: object) -> object:
+    text = str(value) if isinstance(value, httpx.URL | str) else None
+    if text is None or "X-Amz-" not in text:
+        return value
+    return text.split("?", 1)[0] + "?<presigned query redacted>"
+
+
+def install_presigned_url_redaction() -> None:
+    """Attach ``RedactPresignedUrls`` to httpx's logger once (idempotent)."""
+    logger = logging.getLogger("httpx")
+    if not any(isinstance(f, RedactPresignedUrls) for f in logger.filters):
+        logger.addFilter(RedactPresignedUrls())
+
+
 class FarmClient:
     """A FaceFarm API client bound to one URL and one token."""
 
@@ -81,6 +109,7 @@ class FarmClient:
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
             follow_redirects=True,
         )
+        install_presigned_url_redaction()
 
     def close(self) -> None:
         self._http.close()

@@ -71,7 +71,9 @@ def find_triangles(edges: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
 HOLE_CORNERS = {"right_eye": (33, 133), "left_eye": (362, 263), "mouth": (78, 308)}
 
 
-def fill_hole(surface: list[tuple[int, int, int]], corner_a: int, corner_b: int) -> list[tuple[int, int, int]]:
+def fill_hole(
+    surface: list[tuple[int, int, int]], corner_a: int, corner_b: int
+) -> list[tuple[int, int, int]]:
     """Close the boundary loop through two corners with a zig-zag strip between its two arcs.
 
     The tessellation leaves the eyes and mouth open; the warp needs them covered so the source's closed

@@ -207,7 +207,28 @@ def parse_probe(
     source: str,
     scan_errors: str = "",
 ) -> VideoInfo:
-    """Build ``VideoInfo`` from ffprobe's JSON and the video stream's packet rows (pure)."""
+    """Build ``VideoInfo`` from ffprobe's JSON and the video stream's packet rows (pure).
+
+    ffprobe describes a hostile file faithfully, so any field may be missing, mistyped, NaN or
+    huge: whatever the parser cannot use is an ``InvalidVideoError`` naming the file, never a crash
+    (found by fuzzing, tests/unit/reliability/test_fuzz.py).
+    """
+    try:
+        return _parse_probe(probe_json, packets, source=source, scan_errors=scan_errors)
+    except (ValueError, TypeError, AttributeError, KeyError, OverflowError, ZeroDivisionError) as exc:
+        raise InvalidVideoError(
+            f"{source}: ffprobe describes a stream the farm cannot use ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:200]}); re-encode it to H.264 MP4 first"
+        ) from exc
+
+
+def _parse_probe(
+    probe_json: Mapping[str, Any],
+    packets: Sequence[Mapping[str, str]],
+    *,
+    source: str,
+    scan_errors: str = "",
+) -> VideoInfo:
     stream = select_video_stream(probe_json, source)
     fmt = probe_json.get("format") or {}
     time_base = _fraction(stream.get("time_base"), source, "time_base")

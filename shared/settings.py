@@ -89,6 +89,7 @@ class Settings(BaseSettings):
     # this client's CUDA_MPS_PINNED_DEVICE_MEM_LIMIT (e.g. "0=4096M"); the launcher sets both
     mps_mem_limit: str | None = None
     unified_memory: bool = False
+    sr_compile: bool = False  # torch.compile the SR network on CUDA (first chunk pays the compile)
     encoder_threads: int = 2
 
     # --- flower / observability ------------------------------------------------------------

@@ -22,6 +22,7 @@ from shared.errors import InvalidVideoError, JobCancelledError
 from shared.schemas import ChunkSpec, ChunkStats, JobOptions
 from shared.settings import Settings
 from worker.frames import FrameBatch, count_frames, decode_range, open_encoder
+from worker.frames.watermark import apply_watermark
 from worker.models.engine import FaceEngine
 from worker.models.source_face import decode_image
 from worker.session import RenderSession, get_session
@@ -64,43 +65,49 @@ def render_chunk(
     if sr_step is not None:
         log(session.describe_super_resolution(spec.options, spec.encoder.width, spec.encoder.height))
 
+    def finish(item: tuple[np.ndarray, list[int]]) -> tuple[np.ndarray, list[int]]:
+        frames, pts = item
+        if sr_step is not None:
+            started = time.perf_counter()
+            frames = sr_step(frames)
+            clock.add("super_res", started)
+        if spec.options.watermark:  # after SR: the label is the same size in every output
+            frames = apply_watermark(frames)
+        return frames, pts
+
     frames_done = 0
     output_path.parent.mkdir(parents=True, exist_ok=True)
+    errors: list[BaseException] = []
     with open_encoder(output_path, spec.encoder) as encoder:
-        encode_queue: queue.Queue[Any] = queue.Queue(maxsize=_QUEUE_BATCHES)
-        encode_errors: list[BaseException] = []
-        encoder_thread = threading.Thread(
-            target=_encode_loop,
-            args=(encoder, encode_queue, encode_errors, clock),
-            daemon=True,
-            name=f"encode-{spec.job_id}-{spec.index}",
-        )
-        encoder_thread.start()
+
+        def encode(item: tuple[np.ndarray, list[int]]) -> None:
+            started = time.perf_counter()
+            encoder.write(np.ascontiguousarray(item[0]), item[1])
+            clock.add("encode", started)
+
+        # faces (this thread) -> super-resolution (its own thread) -> encode (its own thread)
+        encode_stage = _Stage(f"encode-{spec.index}", encode, errors)
+        finish_stage = _Stage(f"finish-{spec.index}", lambda item: encode_stage.put(finish(item)), errors)
         try:
             for batch in _prefetched(_decode(spec, source, settings), clock):
                 if should_stop():
                     raise JobCancelledError(f"job {spec.job_id} was cancelled", job_id=spec.job_id)
-                if encode_errors:
-                    raise encode_errors[0]
+                if errors:
+                    raise errors[0]
                 started = time.perf_counter()
                 swapped = engine.process(batch.frames, batch.output_mask)
                 clock.add("faces", started)
                 keep = [i for i, out in enumerate(batch.output_mask) if out]
                 if not keep:
                     continue
-                frames = swapped[keep]
-                if sr_step is not None:
-                    started = time.perf_counter()
-                    frames = sr_step(frames)
-                    clock.add("super_res", started)
-                _put(encode_queue, (frames, [batch.pts[i] for i in keep]), encode_errors)
+                finish_stage.put((swapped[keep], [batch.pts[i] for i in keep]))
                 frames_done += len(keep)
                 on_progress(frames_done)
         finally:
-            _put(encode_queue, _SENTINEL, encode_errors, force=True)
-            encoder_thread.join()
-        if encode_errors:
-            raise encode_errors[0]
+            finish_stage.close()
+            encode_stage.close()
+        if errors:
+            raise errors[0]
 
     if frames_done != spec.frame_count:
         raise InvalidVideoError(
@@ -203,30 +210,45 @@ def _prefetched(batches: Iterator[FrameBatch], clock: _StageClock) -> Iterator[F
             close()
 
 
-def _encode_loop(
-    encoder: Any, items: queue.Queue[Any], errors: list[BaseException], clock: _StageClock
-) -> None:
-    while True:
-        item = items.get()
-        if item is _SENTINEL:
-            return
-        if errors:
-            continue  # drain after a failure so the producer never blocks
-        frames, pts = item
-        started = time.perf_counter()
-        try:
-            encoder.write(np.ascontiguousarray(frames), pts)
-        except BaseException as exc:
-            errors.append(exc)
-        clock.add("encode", started)
+class _Stage:
+    """One pipeline stage in its own thread behind a bounded queue; the first error stops it and is
+    kept in ``errors`` for the producer to raise (later items are drained so nobody blocks)."""
 
+    def __init__(self, name: str, work: Callable[[Any], None], errors: list[BaseException]) -> None:
+        self._work = work
+        self._errors = errors
+        self._inbox: queue.Queue[Any] = queue.Queue(maxsize=_QUEUE_BATCHES)
+        self._thread = threading.Thread(target=self._run, daemon=True, name=name)
+        self._thread.start()
 
-def _put(items: queue.Queue[Any], item: Any, errors: list[BaseException], *, force: bool = False) -> None:
-    """Bounded put that gives up waiting once the encoder has failed (unless ``force``)."""
-    while True:
-        try:
-            items.put(item, timeout=0.1)
-            return
-        except queue.Full:
-            if errors and not force:
-                raise errors[0] from None
+    def put(self, item: Any) -> None:
+        """Bounded put that gives up waiting once any stage has failed."""
+        while True:
+            try:
+                self._inbox.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                if self._errors:
+                    raise self._errors[0] from None
+
+    def close(self) -> None:
+        """Finish the queued items (or drain them after a failure) and stop the thread."""
+        while self._thread.is_alive():
+            try:
+                self._inbox.put(_SENTINEL, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            item = self._inbox.get()
+            if item is _SENTINEL:
+                return
+            if self._errors:
+                continue
+            try:
+                self._work(item)
+            except BaseException as exc:
+                self._errors.append(exc)

@@ -5,6 +5,12 @@ pipeline while a background thread heartbeats progress, upload the output atomic
 deterministic key, commit with a compare-and-set on the attempt id, and enqueue the merge if this
 commit was the last. Errors are handled by class: retryable → retry (counted), permanent → chunk and
 job FAILED, stale attempt → drop silently, cancelled → stop and hand the chunk back.
+
+Poison handling (research/renderfarm-celery.md §1.2, §2.3): the store counts every delivery against
+``max_attempts`` (a killed child's redelivery included), records which workers failed a chunk and
+blocks a worker after ``worker_block_after_failures`` failures in a row; a worker that already failed
+a chunk, or is blocked, hands it on to an eligible one, and a chunk with no eligible worker left
+fails its job instead of waiting forever. ``worker.faults`` is a test hook (off in production).
 """
 
 from __future__ import annotations

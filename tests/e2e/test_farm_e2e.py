@@ -114,7 +114,7 @@ def e2e_farm(
                 store.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # one farm for the module, stopped before the next module runs
 def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2EFarm]:
     workdir = tmp_path_factory.mktemp("e2e-farm")
     storage = workdir / "storage"
@@ -239,7 +239,7 @@ def wait_for_status(
 # --- the main job: multi-face, long GOP, audio, NTSC rate ------------------------------------------
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def main_job(
     farm: E2EFarm, main_video: Path, face_image: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> FinishedJob:

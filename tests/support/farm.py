@@ -82,6 +82,14 @@ class FarmProcesses:
         )
 
 
+def stop_all(workers: list[CeleryWorker]) -> None:
+    """Signal every worker first, then wait for each: shutdowns overlap instead of queueing."""
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.stop()
+
+
 @contextmanager
 def run_farm(
     workdir: Path,
@@ -99,7 +107,7 @@ def run_farm(
         redis_url = stack.enter_context(redis_server(workdir))
         env = farm_env(redis_url, storage_url, inputs, overrides)
         workers: list[CeleryWorker] = []
-        stack.callback(lambda: [w.stop() for w in workers])
+        stack.callback(stop_all, workers)
         for i in range(render_workers):
             workers.append(start_celery_worker(RENDER_APP, RENDER_QUEUE, f"render{i}", env, logs))
         workers.append(start_celery_worker(CPU_APP, CPU_QUEUE, "cpu0", env, logs))

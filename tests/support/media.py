@@ -37,6 +37,13 @@ def insightface_image(name: str) -> Path:
     return Path(insightface.__file__).parent / "data" / "images" / name
 
 
+def read_bgr(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path))
+    if image is None:
+        raise FileNotFoundError(f"cannot read test image {path}")
+    return np.asarray(image)
+
+
 # --- frames --------------------------------------------------------------------------------------
 
 
@@ -69,8 +76,7 @@ def scene_photo(name: str) -> np.ndarray:
     if name == "coffee":
         return np.asarray(data.coffee())
     if name == "group":
-        bgr = cv2.imread(str(insightface_image("t1.jpg")))
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        return cv2.cvtColor(read_bgr(insightface_image("t1.jpg")), cv2.COLOR_BGR2RGB)
     raise ValueError(f"unknown scene {name!r}; choose from {sorted(SCENES)}")
 
 
@@ -127,8 +133,7 @@ def make_multiface_video(
 ) -> Path:
     """Several real faces (insightface's t1.jpg) panning slowly, long GOP (one keyframe), with audio."""
     require_tool("ffmpeg")
-    photo = cv2.imread(str(insightface_image("t1.jpg")))
-    crop = photo[120:620, 0:830]  # four faces in a row
+    crop = read_bgr(insightface_image("t1.jpg"))[120:620, 0:830]  # four faces in a row
     args = ["ffmpeg", "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "bgr24"]
     args += ["-s", f"{width}x{height}", "-r", str(fps), "-i", "-"]
     args += ["-f", "lavfi", "-i", f"sine=frequency=440:duration={frames / fps:.3f}"]

@@ -150,6 +150,11 @@ class CeleryWorker:
         except OSError:
             return []
 
+    def terminate(self) -> None:
+        """Ask the worker to shut down (warm shutdown) without waiting; ``stop`` waits."""
+        if self.proc.poll() is None:
+            _signal_group(self.proc.pid, signal.SIGTERM)
+
     def stop(self, grace_s: float = 20.0) -> None:
         """SIGTERM the whole process group (main + pool children), SIGKILL after ``grace_s``."""
         if self.proc.poll() is None:

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 
@@ -38,6 +41,21 @@ GOP_SECONDS = 4  # a keyframe at least this often inside a chunk (seeking in the
 # MP4/MOV keep the source time base exactly (movie and track timescale pinned to it); Matroska
 # would round every timestamp to 1 ms, so it is not offered.
 CONTAINERS = {".mp4": "mp4", ".mov": "mov"}
+
+
+_PARALLEL_CONVERT_MIN_PIXELS = 1280 * 720
+_CONVERT_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _convert_pool() -> ThreadPoolExecutor:
+    """Threads for RGB -> YUV conversion of large frames (made on first use, shared per process)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=_CONVERT_THREADS, thread_name_prefix="rgb2yuv")
+        return _pool
 
 
 class ChunkEncoder:
@@ -74,8 +92,14 @@ class ChunkEncoder:
             raise ValueError(f"expected (N,H,W,3) uint8 RGB frames, got {frames.shape} {frames.dtype}")
         if len(frames) != len(pts):
             raise ValueError(f"{len(frames)} frames but {len(pts)} timestamps")
-        for rgb, stamp in zip(frames, pts, strict=True):
-            self._write_one(self._fit(rgb), int(stamp))
+        fitted = [self._fit(rgb) for rgb in frames]
+        if len(fitted) > 1 and fitted[0].size >= _PARALLEL_CONVERT_MIN_PIXELS * 3:
+            # swscale releases the GIL: convert a batch's frames side by side, encode in order.
+            converted = list(_convert_pool().map(self._to_yuv, fitted))
+        else:
+            converted = [self._to_yuv(rgb) for rgb in fitted]
+        for yuv, stamp in zip(converted, pts, strict=True):
+            self._write_one(yuv, int(stamp))
 
     def close(self) -> int:
         """Flush the encoder, finish the file; returns the number of frames written."""
@@ -103,11 +127,9 @@ class ChunkEncoder:
             return np.ascontiguousarray(rgb[:height, :width])
         raise ValueError(f"frame is {rgb.shape[1]}x{rgb.shape[0]}, the encoder expects {width}x{height}")
 
-    def _write_one(self, rgb: np.ndarray, pts: int) -> None:
-        if self._written_pts and pts <= self._written_pts[-1]:
-            raise ValueError(f"timestamps must increase: {pts} after {self._written_pts[-1]}")
+    def _to_yuv(self, rgb: np.ndarray) -> av.VideoFrame:
         frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-        yuv = frame.reformat(
+        return frame.reformat(
             format=self._settings.pix_fmt,
             src_colorspace=self._matrix,
             dst_colorspace=self._matrix,
@@ -115,6 +137,10 @@ class ChunkEncoder:
             dst_color_range=self._range,
             interpolation=INTERPOLATION,
         )
+
+    def _write_one(self, yuv: av.VideoFrame, pts: int) -> None:
+        if self._written_pts and pts <= self._written_pts[-1]:
+            raise ValueError(f"timestamps must increase: {pts} after {self._written_pts[-1]}")
         yuv.pts = pts
         yuv.time_base = self._settings.time_base
         self._written_pts.append(pts)

@@ -33,7 +33,7 @@ class SpeedOptions:
     compile: bool = False
     compile_mode: str | None = None  # torch.compile mode (None = Inductor's default)
     cuda_graphs: bool = False
-    bucket_batches: bool = True  # pad batches to a power of two so compiled/graphed shapes repeat
+    bucket_batches: bool = True  # pad batches to a few sizes so compiled/graphed shapes repeat
     dtype: torch.dtype | None = None  # None keeps the model's dtype
 
 
@@ -58,10 +58,12 @@ def configure_compile_cache(cache_dir: Path) -> Path:
 
 
 def bucket_size(n: int) -> int:
-    """The smallest power of two >= ``n``: batches padded to it reuse a few compiled shapes."""
+    """Powers of two up to 8, then multiples of 8: few compiled shapes, under 8 items of padding."""
     if n < 1:
         raise ValueError(f"batch must be positive, got {n}")
-    return 1 << (n - 1).bit_length()
+    if n <= 8:
+        return 1 << (n - 1).bit_length()
+    return -(-n // 8) * 8
 
 
 class ChannelsLast(nn.Module):
@@ -85,7 +87,7 @@ def _map_outputs(out: Any, fn: Callable[[Tensor], Tensor]) -> Any:
 
 
 class BatchBuckets(nn.Module):
-    """Pads the batch to a power of two and trims the result, so only a few shapes ever run."""
+    """Pads the batch to ``bucket_size`` and trims the result, so only a few shapes ever run."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
@@ -196,8 +198,8 @@ class CompiledRRDBNet(nn.Module):
         feat = net.conv_first(feat)
         body = feat
         for rrdb in net.body:
-            convs = [c for rdb in (rrdb.rdb1, rrdb.rdb2, rrdb.rdb3) for c in _rdb_convs(rdb)]
-            body = self._block(body, [c.weight for c in convs], [c.bias for c in convs])
+            convs = [c for rdb in (rrdb.rdb1, rrdb.rdb2, rrdb.rdb3) for c in _rdb_convs(rdb)]  # type: ignore[arg-type]
+            body = self._block(body, [c.weight for c in convs], [c.bias for c in convs])  # type: ignore[misc]
         return self._tail(feat, body, net)
 
 

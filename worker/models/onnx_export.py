@@ -169,7 +169,9 @@ def build_tensorrt_engine(
     try:
         import tensorrt as trt
     except ImportError as exc:
-        raise ExternalToolError("TensorRT is not installed; install the 'tensorrt' extra (facefarm[tensorrt])") from exc
+        raise ExternalToolError(
+            "TensorRT is not installed; install the 'tensorrt' extra (facefarm[tensorrt])"
+        ) from exc
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)

@@ -6,7 +6,10 @@ lighting (LAB statistics) and placement follow the target.
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -59,14 +62,34 @@ class ClassicSwapper:
         return paste_back(frame, crop, mask, frame_to_crop, poisson=self.poisson)
 
     def swap_batch(self, frames: np.ndarray, faces: Sequence[Sequence[Face]]) -> list[SwapOutput]:
-        outputs: list[SwapOutput] = []
-        for frame, frame_faces in zip(frames, faces, strict=True):
-            out = frame
-            union = np.zeros(frame.shape[:2], dtype=np.float32)
-            for face in frame_faces:
-                out, mask = self.swap_face(out, face)
-                np.maximum(union, mask, out=union)
-            if out is frame:
-                out = frame.copy()
-            outputs.append(SwapOutput(frame=out, mask=union, paths=[self.name] * len(frame_faces)))
-        return outputs
+        """Frames are independent here, so they are swapped side by side (OpenCV releases the GIL)."""
+        pairs = list(zip(frames, faces, strict=True))
+        busy = sum(1 for _, frame_faces in pairs if frame_faces)
+        if busy > 1 and frames[0].size >= _PARALLEL_MIN_PIXELS * 3:
+            return list(_swap_pool().map(lambda pair: self._swap_frame(*pair), pairs))
+        return [self._swap_frame(frame, frame_faces) for frame, frame_faces in pairs]
+
+    def _swap_frame(self, frame: np.ndarray, frame_faces: Sequence[Face]) -> SwapOutput:
+        out = frame
+        union = np.zeros(frame.shape[:2], dtype=np.float32)
+        for face in frame_faces:
+            out, mask = self.swap_face(out, face)
+            np.maximum(union, mask, out=union)
+        if out is frame:
+            out = frame.copy()
+        return SwapOutput(frame=out, mask=union, paths=[self.name] * len(frame_faces))
+
+
+_PARALLEL_MIN_PIXELS = 640 * 360
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _swap_pool() -> ThreadPoolExecutor:
+    """One pool per process for per-frame swaps of large frames (made on first use)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            workers = max(1, min(8, (os.cpu_count() or 2) - 2))
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="swap")
+        return _pool

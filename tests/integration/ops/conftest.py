@@ -37,17 +37,12 @@ from shared.schemas import JobOptions, JobView
 from shared.state import JobStore
 from tests.integration.ops.compose import PROJECT_ROOT, load_services, local_command, local_environment
 from tests.integration.ops.processes import Services, http_ok, redis_config, services, wait_for
-
-try:  # the shared test services are moving to tests/support
-    from tests.support.services import free_port, moto_s3_server  # type: ignore[import-not-found]
-except ImportError:
-    from tests.integration.farm.services import free_port, moto_s3_server
+from tests.support.services import free_port, moto_s3_server
 
 DEFAULT_TEST_MODEL_STORE = "/work/main/models-store"
 VIDEO_W, VIDEO_H, VIDEO_FPS = 160, 96, 15
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"
 FACEFARM = str(Path(sys.executable).with_name("facefarm"))
-BUCKET = "facefarm"
 JOB_TIMEOUT_S = 240.0
 # The services the compose file runs on a CPU host (plus gpu-worker with --gpus none).
 COMPOSE_SERVICES = ("api", "cpu-worker", "reconciler", "gpu-worker", "flower")
@@ -74,7 +69,9 @@ def insightface_image(name: str) -> Path:
 
 def make_face_clip(path: Path, frames: int) -> Path:
     """Real faces (insightface's t1.jpg) panning slowly, one keyframe, with an audio track."""
-    crop = cv2.imread(str(insightface_image("t1.jpg")))[120:620, 0:830]
+    photo = cv2.imread(str(insightface_image("t1.jpg")))
+    assert photo is not None
+    crop = photo[120:620, 0:830]  # four faces in a row
     args = ["ffmpeg", "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "bgr24"]
     args += ["-s", f"{VIDEO_W}x{VIDEO_H}", "-r", str(VIDEO_FPS), "-i", "-"]
     args += ["-f", "lavfi", "-i", f"sine=frequency=440:duration={frames / VIDEO_FPS:.3f}"]

@@ -36,6 +36,7 @@ from dispatcher.reconciler import run_reconciler
 from dispatcher.service import FarmContext, create_context
 from shared.schemas import JobOptions, JobView
 from shared.settings import Settings
+from tests.integration.reliability.corpus import CORPUS_LIMITS
 from tests.support.farm import farm_env, settings_from
 from tests.support.services import CeleryWorker, free_port, require_tool, serve_app, start_celery_worker
 
@@ -61,6 +62,7 @@ FAST_RECOVERY = {
     "FACEFARM_MAX_ATTEMPTS": "3",
     "FACEFARM_WORKER_BLOCK_AFTER_FAILURES": "5",
     "FACEFARM_WORKER_BLOCK_TTL_S": "600",
+    **CORPUS_LIMITS,
 }
 
 

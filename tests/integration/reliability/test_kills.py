@@ -149,8 +149,7 @@ def test_cpu_worker_killed_during_merge_reruns_the_merge_and_keeps_chunks_until_
     assert farm.storage_root is not None
     chunks_dir = farm.storage_root / "jobs" / job_id / "chunks"
     seen_merging_with_chunks = False
-    for seen in farm.wait(job_id, lambda v: v.status is JobStatus.MERGING or v.status.finished):
-        pass
+    farm.wait(job_id, lambda v: v.status is JobStatus.MERGING or v.status.finished)
     while farm.ctx.store.get_job(job_id).status is JobStatus.MERGING:  # the killed merge, then the rerun
         seen_merging_with_chunks |= len(list(chunks_dir.glob("*/output.mp4"))) == 3
         assert len(list(chunks_dir.glob("*/output.mp4"))) == 3, "chunk outputs vanished before COMPLETED"

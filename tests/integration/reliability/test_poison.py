@@ -7,6 +7,7 @@ every chunk of ``blockme*.mp4``.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -22,9 +23,10 @@ pytestmark = pytest.mark.integration
 
 @pytest.mark.parametrize(
     ("video_name", "kind", "reason"),
+    # A killed process is noticed by Celery's redelivery ("lost") or by the reconciler ("stalled").
     [
         ("poison_raise.mp4", "exception", "injected fault"),
-        ("poison_exit.mp4", "process death", "was lost while rendering"),
+        ("poison_exit.mp4", "process death", "was lost while rendering|stalled"),
     ],
 )
 def test_poison_chunk_gets_three_attempts_on_three_workers_then_the_job_fails_with_the_reason(
@@ -36,13 +38,12 @@ def test_poison_chunk_gets_three_attempts_on_three_workers_then_the_job_fails_wi
     seconds = time.monotonic() - t0
     assert final.status is JobStatus.FAILED, farm.ctx.store.logs(view.job_id)
     assert final.error_kind == "AttemptsExhaustedError"
-    assert (
-        final.error is not None and "chunk 1 failed after 3 attempts" in final.error and reason in final.error
-    )
+    assert final.error is not None and "chunk 1 failed after 3 attempts" in final.error
+    assert re.search(reason, final.error), final.error
     chunk = farm.ctx.store.get_chunk(view.job_id, 1)
     workers = [a.worker for a in chunk.attempts]
     assert len(workers) == 3 and len(set(workers)) == 3, chunk.attempts  # three distinct workers
-    assert all(a.error and reason in a.error for a in chunk.attempts), chunk.attempts
+    assert all(a.error and re.search(reason, a.error) for a in chunk.attempts), chunk.attempts
     assert set(chunk.failed_workers) == set(workers)
     for worker in farm.render_workers:  # no worker crashed for good: every one still heartbeats
         assert worker.proc.poll() is None

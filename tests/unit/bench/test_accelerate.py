@@ -41,7 +41,13 @@ def test_functional_rrdb_forward_equals_rrdbnet(seeded: None, scale: int) -> Non
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("make", [lambda: RRDBNet(num_block=1, num_feat=8, num_grow_ch=4), lambda: SRVGGNetCompact(num_feat=8, num_conv=2)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: RRDBNet(num_block=1, num_feat=8, num_grow_ch=4),
+        lambda: SRVGGNetCompact(num_feat=8, num_conv=2),
+    ],
+)
 def test_channels_last_sr_gives_eager_output(seeded: None, make) -> None:
     model = _sr(make())
     x = torch.rand(3, 3, 10, 14)
@@ -74,8 +80,8 @@ def test_upscale_frames_with_accelerated_model_matches_eager(seeded: None) -> No
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
 
 
-def test_bucket_size_is_the_next_power_of_two() -> None:
-    assert [bucket_size(n) for n in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
+def test_bucket_sizes_are_powers_of_two_then_multiples_of_eight() -> None:
+    assert [bucket_size(n) for n in (1, 2, 3, 4, 5, 8, 9, 17, 48)] == [1, 2, 4, 4, 8, 8, 16, 24, 48]
     with pytest.raises(ValueError):
         bucket_size(0)
 

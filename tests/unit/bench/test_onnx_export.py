@@ -26,7 +26,11 @@ def _tiny(net: torch.nn.Module) -> SrModel:
 
 
 @pytest.mark.parametrize(
-    "make", [lambda: RRDBNet(num_block=1, num_feat=8, num_grow_ch=4), lambda: SRVGGNetCompact(num_feat=8, num_conv=2)]
+    "make",
+    [
+        lambda: RRDBNet(num_block=1, num_feat=8, num_grow_ch=4),
+        lambda: SRVGGNetCompact(num_feat=8, num_conv=2),
+    ],
 )
 def test_sr_nets_export_with_dynamic_size_and_match_torch(seeded: None, tmp_path: Path, make) -> None:
     check = export_sr_model(_tiny(make()), tmp_path / "sr.onnx", check_px=16)
@@ -37,13 +41,17 @@ def test_sr_nets_export_with_dynamic_size_and_match_torch(seeded: None, tmp_path
 
 
 def test_shipped_compact_sr_exports(model_store: Path, tmp_path: Path) -> None:
-    check = export_sr_model(load_sr_model("realesr-animevideov3", model_store), tmp_path / "anime.onnx", check_px=16)
+    check = export_sr_model(
+        load_sr_model("realesr-animevideov3", model_store), tmp_path / "anime.onnx", check_px=16
+    )
     assert check.max_abs_error < 1e-3
 
 
 def test_verify_rejects_a_file_of_another_network(seeded: None, tmp_path: Path) -> None:
     a, b = SRVGGNetCompact(num_feat=4, num_conv=1).eval(), SRVGGNetCompact(num_feat=4, num_conv=1).eval()
-    path = export_onnx(a, torch.rand(1, 3, 8, 8), tmp_path / "a.onnx", output_names=["output"], spatial_dynamic=True)
+    path = export_onnx(
+        a, torch.rand(1, 3, 8, 8), tmp_path / "a.onnx", output_names=["output"], spatial_dynamic=True
+    )
     with pytest.raises(ExternalToolError, match="differ"):
         verify_onnx(path, b, torch.rand(1, 3, 8, 8))
 

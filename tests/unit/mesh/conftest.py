@@ -71,7 +71,9 @@ def landmarker(mesh_store: Path):
     return FaceMeshLandmarker(mesh_store, "cpu")
 
 
-def tile_around(image: np.ndarray, box: np.ndarray, *, face_frac: float = 0.45, angle_deg: float = 0.0) -> np.ndarray:
+def tile_around(
+    image: np.ndarray, box: np.ndarray, *, face_frac: float = 0.45, angle_deg: float = 0.0
+) -> np.ndarray:
     """A TILE_PX square frame centred on a face box, scaled so the face spans ``face_frac``, rotated."""
     cx, cy = (box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0
     scale = face_frac * TILE_PX / max(box[2] - box[0], box[3] - box[1])

@@ -16,14 +16,17 @@ def test_real_faces_have_high_presence_and_non_faces_low(detector, landmarker, a
     rois = [roi_from_face(f, 0) for f in faces]
     _, presence, _ = landmarker.landmarks_refined([t1], rois)
     assert (presence > 0.9).all()
-    wall = Face(box=np.array([340, 30, 440, 130], np.float32), score=1.0, landmarks=np.array(
-        [[370, 70], [410, 70], [390, 90], [372, 110], [408, 110]], np.float32))
+    wall = Face(
+        box=np.array([340, 30, 440, 130], np.float32),
+        score=1.0,
+        landmarks=np.array([[370, 70], [410, 70], [390, 90], [372, 110], [408, 110]], np.float32),
+    )
     flat = np.full_like(astronaut, 128)
     _, low = landmarker.landmarks([t1, flat], [roi_from_face(wall, 0), roi_from_face(wall, 1)])
     assert (low < 0.5).all()
 
 
-@pytest.mark.parametrize("angle_deg", [-60.0, -30.0, 30.0, 60.0])
+@pytest.mark.parametrize("angle_deg", [-40.0, -20.0, 20.0, 40.0])
 def test_in_plane_rotation_moves_the_landmarks_with_the_face(detector, landmarker, astronaut, angle_deg):
     """Rotating the photo rotates the mesh: back-rotated points agree within 2% of the eye distance."""
     base_face = detector.detect(astronaut)[0][0]

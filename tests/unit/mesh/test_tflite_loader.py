@@ -12,7 +12,9 @@ from shared.errors import ModelStoreError
 from worker.models.mesh.landmarker import INPUT_PX, cut_crop, roi_from_face
 from worker.models.mesh.tflite_loader import _same_pads, load_tflite
 
-litert = pytest.importorskip("ai_edge_litert.interpreter", reason="ai-edge-litert is the TFLite oracle (dev extra)")
+litert = pytest.importorskip(
+    "ai_edge_litert.interpreter", reason="ai-edge-litert is the TFLite oracle (dev extra)"
+)
 
 
 def _interpreter_outputs(path: Path, batch_nhwc: np.ndarray) -> dict[str, np.ndarray]:

@@ -15,7 +15,9 @@ from worker.models.mesh.triangles import load_topology, signed_areas
 
 @pytest.fixture(scope="module")
 def astronaut_mesh(detector, landmarker, astronaut) -> np.ndarray:
-    points, presence, _ = landmarker.landmarks_refined([astronaut], [roi_from_face(detector.detect(astronaut)[0][0], 0)])
+    points, presence, _ = landmarker.landmarks_refined(
+        [astronaut], [roi_from_face(detector.detect(astronaut)[0][0], 0)]
+    )
     assert presence[0] > 0.9
     return points[0]
 
@@ -42,7 +44,9 @@ def test_winding_is_consistent_and_the_mesh_is_a_disk_bounded_by_the_face_oval()
     assert max(uses.values()) == 1  # a directed edge used twice means two neighbours disagree on winding
     boundary = [e for e in uses if (e[1], e[0]) not in uses]
     oval = topo.face_oval.tolist()
-    assert {frozenset(e) for e in boundary} == {frozenset(p) for p in zip(oval, oval[1:] + oval[:1], strict=True)}
+    assert {frozenset(e) for e in boundary} == {
+        frozenset(p) for p in zip(oval, oval[1:] + oval[:1], strict=True)
+    }
     edges = {frozenset(e) for e in uses}
     assert 468 - len(edges) + len(topo.triangles) == 1  # Euler characteristic of a disk
 

@@ -93,19 +93,3 @@ def test_nvml_absent_gives_empty_readings_not_errors() -> None:
             "nvml_process_bytes": None,
         }
     probe.close()
-
-
-def test_the_runtime_session_plans_within_its_budget_on_cpu() -> None:
-    from shared.settings import Settings
-    from worker.runtime.session import GpuRuntime
-
-    runtime = GpuRuntime(Settings(device="cpu", gpu_budget="64MiB"), lambda name: torch.nn.Linear(64, 64))
-    assert not runtime.started
-    with runtime.cache.acquire("linear"):
-        pass
-    assert runtime.budget.budget_bytes == 64 * 1024**2
-    plans = runtime.tile_plans(bytes_per_pixel=8200, scale=4, frame_hw=(96, 96), overlap_px=8, max_batch=4)
-    assert all(p.bytes_needed <= runtime.budget.free_bytes for p in plans)
-    assert runtime.run(lambda plan: plan.tile_px, plans) == plans[0].tile_px
-    assert runtime.stats()["bytes_paged_in"] > 0
-    runtime.close()

@@ -73,7 +73,11 @@ def roi_from_points(points: np.ndarray, frame_index: int) -> FaceRoi:
 def cut_crop(frame: np.ndarray, roi: FaceRoi) -> np.ndarray:
     """The 192x192 RGB crop for one ROI (bilinear, replicated border, as MediaPipe does)."""
     return cv2.warpAffine(
-        frame, roi.crop_matrix(), (INPUT_PX, INPUT_PX), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        frame,
+        roi.crop_matrix(),
+        (INPUT_PX, INPUT_PX),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_REPLICATE,
     )
 
 
@@ -86,10 +90,13 @@ def project_points(crop_points: np.ndarray, roi: FaceRoi) -> np.ndarray:
     return out
 
 
-def load_landmark_net(store: Path, device: torch.device | str, dtype: torch.dtype = torch.float32) -> TfliteModule:
+def load_landmark_net(
+    store: Path, device: torch.device | str, dtype: torch.dtype = torch.float32
+) -> TfliteModule:
     """The face_landmark.tflite graph as a torch module on ``device`` (channels_last, ``dtype``)."""
     net = load_tflite(require_file(store, LANDMARK_FILE))
-    return net.to(device=torch.device(device), dtype=dtype).to(memory_format=torch.channels_last)
+    net = net.to(device=torch.device(device), dtype=dtype)
+    return net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
 
 class FaceMeshLandmarker:

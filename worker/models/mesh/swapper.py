@@ -103,7 +103,9 @@ class MeshSwapper:
         self.landmarker = FaceMeshLandmarker(store, device, dtype=dtype)
         self.tracker = FaceTracker()
         self._classic: object | None = None
-        points, presence, _ = self.landmarker.landmarks_refined([self.source_image], [roi_from_face(source_face, 0)])
+        points, presence, _ = self.landmarker.landmarks_refined(
+            [self.source_image], [roi_from_face(source_face, 0)]
+        )
         self.source_points = points[0]
         # A source photo without a usable mesh still swaps, through the classic path for every face.
         self.source_ok = bool(presence[0] >= presence_min)
@@ -125,7 +127,9 @@ class MeshSwapper:
             self._classic = ClassicSwapper(SourceFace(self.source_image, self.source_face))
         return self._classic
 
-    def track_meshes(self, frames: np.ndarray, faces: Sequence[Sequence[Face]]) -> list[list[np.ndarray | None]]:
+    def track_meshes(
+        self, frames: np.ndarray, faces: Sequence[Sequence[Face]]
+    ) -> list[list[np.ndarray | None]]:
         """The smoothed mesh (468,3) of every face, or None where the face takes the classic path.
 
         All mesh-eligible faces of the batch run through the net together; smoothing then walks the
@@ -200,22 +204,30 @@ class MeshSwapper:
         if x1 - x0 < 4 or y1 - y0 < 4 or not np.isfinite(iod) or iod < 1.0:
             return frame, full_mask
         origin, shape = (x0, y0), (y1 - y0, x1 - x0)
-        level = int(np.clip(math.floor(math.log2(max(inter_ocular_px(self.source_points) / iod, 1.0))), 0, len(self._pyramid) - 1))
+        level = int(
+            np.clip(
+                math.floor(math.log2(max(inter_ocular_px(self.source_points) / iod, 1.0))),
+                0,
+                len(self._pyramid) - 1,
+            )
+        )
         src_xy = (self.source_points[:, :2] + 0.5) / 2**level - 0.5
         tris = self.topology.triangles
         warped, tri_map = warp_mesh(self._pyramid[level], src_xy, points, tris, origin, shape)
         hull = mask_outline(points, self.topology.face_oval, self.forehead_keep)
         mask = feather_inside(polygon_mask(hull, origin, shape), self.feather_frac * iod)
         # keep the target where the source cannot supply the surface, and inside the target's mouth
-        keep_target = self._hidden_in_source(points)[np.maximum(tri_map, 0)] * (tri_map >= 0)
+        hidden = self._hidden_in_source(points)[np.maximum(tri_map, 0)] * (tri_map >= 0)
+        keep_target = hidden.astype(np.float32)
         if self.mouth_mask != "off":
             start, stop = self.topology.groups["mouth"]
             mouth = ((tri_map >= start) & (tri_map < stop)).astype(np.float32)
             loop = self.topology.lips_outer if self.mouth_mask == "lips" else self.topology.lips_inner
             mouth = np.maximum(mouth, polygon_mask(xy[loop], origin, shape))
             radius = max(1, round(self.mouth_margin_frac * iod))
-            mouth = cv2.dilate(mouth, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1,) * 2))
-            keep_target = np.maximum(keep_target, mouth)
+            kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+            mouth = cv2.dilate(mouth, kernel).astype(np.float32)
+            keep_target = np.maximum(keep_target, mouth).astype(np.float32)
         keep_target = cv2.GaussianBlur(keep_target.astype(np.float32), (0, 0), sigmaX=max(0.04 * iod, 0.5))
         mask *= 1.0 - np.clip(keep_target * 1.5, 0.0, 1.0)
         mask[mask < MASK_EPS] = 0.0

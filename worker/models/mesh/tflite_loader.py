@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +43,7 @@ class _Step:
     output: int
     attrs: tuple[tuple[str, object], ...]
 
-    def attr(self, name: str) -> object:
+    def attr(self, name: str) -> Any:
         return dict(self.attrs)[name]
 
 
@@ -108,15 +109,15 @@ def _run_step(step: _Step, v: dict[int, torch.Tensor]) -> torch.Tensor:
     if kind in ("CONV_2D", "DEPTHWISE_CONV_2D"):
         pads = step.attr("pads")
         if pads != (0, 0, 0, 0):
-            x = F.pad(x, pads)  # type: ignore[arg-type]
+            x = F.pad(x, pads)
         bias = v[step.inputs[2]] if len(step.inputs) > 2 and step.inputs[2] >= 0 else None
         y = F.conv2d(
             x,
             v[step.inputs[1]],
             bias,
-            stride=step.attr("stride"),  # type: ignore[arg-type]
-            dilation=step.attr("dilation"),  # type: ignore[arg-type]
-            groups=step.attr("groups"),  # type: ignore[arg-type]
+            stride=step.attr("stride"),
+            dilation=step.attr("dilation"),
+            groups=step.attr("groups"),
         )
         return _activate(y, step.attr("act"))
     if kind == "PRELU":
@@ -128,13 +129,13 @@ def _run_step(step: _Step, v: dict[int, torch.Tensor]) -> torch.Tensor:
     if kind == "MAX_POOL_2D":
         return _activate(_max_pool(x, step), step.attr("act"))
     if kind == "PAD":
-        return F.pad(x, step.attr("pads"))  # type: ignore[arg-type]
+        return F.pad(x, step.attr("pads"))
     if kind == "RESHAPE":
         if x.dim() == 4:
             x = x.permute(0, 2, 3, 1)
-        return x.reshape((x.shape[0], *step.attr("shape")))  # type: ignore[misc]
+        return x.reshape((x.shape[0], *step.attr("shape")))
     if kind == "CONCATENATION":
-        y = torch.cat([v[i] for i in step.inputs], dim=step.attr("axis"))  # type: ignore[arg-type]
+        y = torch.cat([v[i] for i in step.inputs], dim=step.attr("axis"))
         return _activate(y, step.attr("act"))
     raise ModelStoreError(f"TFLite op {kind} has no torch replay; the model file is not a supported one")
 
@@ -147,8 +148,8 @@ def _max_pool(x: torch.Tensor, step: _Step) -> torch.Tensor:
         b = torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2])
         return torch.maximum(a, b)
     if pads != (0, 0, 0, 0):
-        x = F.pad(x, pads, value=float("-inf"))  # type: ignore[arg-type]
-    return F.max_pool2d(x, kernel, stride)  # type: ignore[arg-type]
+        x = F.pad(x, pads, value=float("-inf"))
+    return F.max_pool2d(x, kernel, stride)
 
 
 class _Graph:
@@ -161,7 +162,9 @@ class _Graph:
         try:
             self.model = tflite.Model.GetRootAsModel(data, 0)
         except Exception as exc:  # flatbuffers raises plain errors on garbage
-            raise ModelStoreError(f"{source} is not a TFLite flatbuffer; re-run `facefarm models fetch`") from exc
+            raise ModelStoreError(
+                f"{source} is not a TFLite flatbuffer; re-run `facefarm models fetch`"
+            ) from exc
         if self.model.SubgraphsLength() != 1:
             raise ModelStoreError(f"{source} has {self.model.SubgraphsLength()} subgraphs; expected 1")
         self.graph = self.model.Subgraphs(0)
@@ -185,8 +188,8 @@ class _Graph:
             raise ModelStoreError(f"{self.source}: tensor type {tensor.Type()} is not supported")
         return np.frombuffer(buf.DataAsNumpy().tobytes(), dtype=dtype).reshape(self.shape(tid))
 
-    def options(self, op: object, cls: type) -> object:
-        table = op.BuiltinOptions()  # type: ignore[attr-defined]
+    def options(self, op: Any, cls: type) -> Any:
+        table = op.BuiltinOptions()
         opts = cls()
         opts.Init(table.Bytes, table.Pos)
         return opts
@@ -227,11 +230,13 @@ def load_tflite(path: Path) -> TfliteModule:
     return TfliteModule(steps, constants, input_ids, output_ids, names).eval()
 
 
-def _make_step(g: _Graph, tfl: object, op: object, kind: str, ins: list[int], out: int, consts: dict) -> _Step:
+def _make_step(
+    g: _Graph, tfl: Any, op: Any, kind: str, ins: list[int], out: int, consts: dict[int, np.ndarray]
+) -> _Step:
     t = tfl
     if kind in ("CONV_2D", "DEPTHWISE_CONV_2D"):
         depthwise = kind == "DEPTHWISE_CONV_2D"
-        o = g.options(op, t.DepthwiseConv2DOptions if depthwise else t.Conv2DOptions)  # type: ignore[attr-defined]
+        o = g.options(op, t.DepthwiseConv2DOptions if depthwise else t.Conv2DOptions)
         _, h, w, c_in = g.shape(ins[0])
         kshape = g.shape(ins[1])
         kh, kw = kshape[1], kshape[2]
@@ -250,7 +255,7 @@ def _make_step(g: _Graph, tfl: object, op: object, kind: str, ins: list[int], ou
             "act": _ACTIVATIONS[int(o.FusedActivationFunction())],
         }
     elif kind == "MAX_POOL_2D":
-        o = g.options(op, t.Pool2DOptions)  # type: ignore[attr-defined]
+        o = g.options(op, t.Pool2DOptions)
         _, h, w, _ = g.shape(ins[0])
         kernel = (int(o.FilterHeight()), int(o.FilterWidth()))
         stride = (int(o.StrideH()), int(o.StrideW()))
@@ -259,9 +264,14 @@ def _make_step(g: _Graph, tfl: object, op: object, kind: str, ins: list[int], ou
             top, bottom = _same_pads(h, kernel[0], stride[0], 1)
             left, right = _same_pads(w, kernel[1], stride[1], 1)
             pads = (left, right, top, bottom)
-        attrs = {"kernel": kernel, "stride": stride, "pads": pads, "act": _ACTIVATIONS[int(o.FusedActivationFunction())]}
+        attrs = {
+            "kernel": kernel,
+            "stride": stride,
+            "pads": pads,
+            "act": _ACTIVATIONS[int(o.FusedActivationFunction())],
+        }
     elif kind == "ADD":
-        o = g.options(op, t.AddOptions)  # type: ignore[attr-defined]
+        o = g.options(op, t.AddOptions)
         attrs = {"act": _ACTIVATIONS[int(o.FusedActivationFunction())]}
     elif kind == "PAD":
         spec = consts[ins[1]].astype(int)
@@ -274,7 +284,7 @@ def _make_step(g: _Graph, tfl: object, op: object, kind: str, ins: list[int], ou
         attrs = {"shape": tuple(int(s) for s in g.shape(out)[1:])}
         ins = ins[:1]
     elif kind == "CONCATENATION":
-        o = g.options(op, t.ConcatenationOptions)  # type: ignore[attr-defined]
+        o = g.options(op, t.ConcatenationOptions)
         axis = int(o.Axis())
         rank = len(g.shape(ins[0]))
         axis = axis % rank

@@ -25,8 +25,8 @@ class OneEuroPoints:
     """One-Euro filter over an (P,D) point set; speed is measured per point in face-scale units."""
 
     min_cutoff: float = 0.04  # cycles/frame when still: strong smoothing
-    beta: float = 40.0  # cutoff gain per (face scale / frame) of speed
-    d_cutoff: float = 0.25  # smoothing of the speed estimate itself
+    beta: float = 25.0  # cutoff gain per (face scale / frame) of speed
+    d_cutoff: float = 0.1  # smoothing of the speed estimate itself
     _x: np.ndarray | None = None
     _dx: np.ndarray | None = None
 

@@ -26,7 +26,11 @@ def triangle_affines(src_xy: np.ndarray, dst_xy: np.ndarray, triangles: np.ndarr
 
 
 def rasterise_triangles(
-    dst_xy: np.ndarray, depth: np.ndarray, triangles: np.ndarray, origin_xy: tuple[int, int], shape_hw: tuple[int, int]
+    dst_xy: np.ndarray,
+    depth: np.ndarray,
+    triangles: np.ndarray,
+    origin_xy: tuple[int, int],
+    shape_hw: tuple[int, int],
 ) -> np.ndarray:
     """(H,W) int32 map of the visible triangle per pixel of a window at ``origin_xy``; -1 where none."""
     idx = np.full(shape_hw, -1, dtype=np.int32)
