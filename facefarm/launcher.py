@@ -118,16 +118,8 @@ def unblock_workers(settings: Settings, node_names: Sequence[str]) -> None:
 
     store = state.JobStore.from_settings(settings)
     try:
-        unblock = getattr(store, "unblock_worker", None)
-        if unblock is None:
-            log.warning(
-                "--unblock: this version of shared.state has no JobStore.unblock_worker; "
-                "nothing was cleared for %s",
-                ", ".join(node_names),
-            )
-            return
         for node in node_names:
-            unblock(node)
+            store.unblock_worker(node)
             log.info("unblocked worker %s", node)
     finally:
         store.close()
@@ -204,9 +196,10 @@ def run_workers(
             mps_daemon_running=daemon_running,
             total_bytes_by_gpu={g.index: g.total_bytes for g in chosen},
         )
-    if unblock:
+    if unblock:  # clear this node's failure blocks and exit (the CLI's contract)
         host = socket.gethostname()
         unblock_workers(settings, [c.node_name.replace("%h", host) for c in clients])
+        return 0
 
     base_env = dict(os.environ)  # children inherit our environment plus their own pins
     daemon = None

@@ -14,7 +14,7 @@ PY=.venv/bin/python
 
 t=$(date +%s)
 .venv/bin/ruff check shared dispatcher worker facefarm tests bench scripts
-.venv/bin/lint-imports --config pyproject.toml
+.venv/bin/lint-imports
 echo "layer lint: $(( $(date +%s) - t ))s"
 
 status=0
