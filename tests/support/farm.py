@@ -17,7 +17,7 @@ from pathlib import Path
 from shared.settings import Settings
 from tests.support.services import CeleryWorker, redis_server, start_celery_worker
 
-DEFAULT_TEST_MODEL_STORE = "/work/main/models-store"
+DEFAULT_TEST_MODEL_STORE = str(Path.home() / ".cache" / "facefarm" / "models")
 RENDER_APP, RENDER_QUEUE = "worker.celery_app", "gpu"
 CPU_APP, CPU_QUEUE = "dispatcher.celery_app", "cpu"
 

@@ -39,7 +39,7 @@ from tests.integration.ops.compose import PROJECT_ROOT, load_services, local_com
 from tests.integration.ops.processes import Services, http_ok, redis_config, services, wait_for
 from tests.support.services import free_port, moto_s3_server
 
-DEFAULT_TEST_MODEL_STORE = "/work/main/models-store"
+DEFAULT_TEST_MODEL_STORE = str(Path.home() / ".cache" / "facefarm" / "models")
 VIDEO_W, VIDEO_H, VIDEO_FPS = 160, 96, 15
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"
 FACEFARM = str(Path(sys.executable).with_name("facefarm"))

@@ -79,7 +79,7 @@ class Clip:
 
 @pytest.fixture(scope="session")
 def pipeline_store() -> Path:
-    return ensure_store(Path(os.environ.get("FACEFARM_TEST_MODEL_STORE", "/work/main/models-store")))
+    return ensure_store(Path(os.environ.get("FACEFARM_TEST_MODEL_STORE", str(Path.home() / ".cache" / "facefarm" / "models"))))
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from shared.model_store import add_model, ensure_store
 from worker.models.detect_mtcnn import MtcnnDetector
 
-DEFAULT_TEST_MODEL_STORE = "/work/main/models-store"
+DEFAULT_TEST_MODEL_STORE = str(Path.home() / ".cache" / "facefarm" / "models")
 
 
 def insightface_image(name: str) -> np.ndarray:

@@ -10,7 +10,7 @@ import pytest
 
 from shared.model_store import ensure_store
 
-DEFAULT_TEST_MODEL_STORE = "/work/main/models-store"
+DEFAULT_TEST_MODEL_STORE = str(Path.home() / ".cache" / "facefarm" / "models")
 
 
 @pytest.fixture(scope="session")
