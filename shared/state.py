@@ -812,6 +812,14 @@ class JobStore:
         pipe.execute()
 
     @_translated
+    def worker_runtime(self, name: str, stats: dict[str, Any]) -> None:
+        """The render child's GPU telemetry (budget, reserved, peak, OOM recoveries, bytes paged,
+        utilisation) beside the worker's heartbeat, as ``runtime_<key>`` fields."""
+        fields = {f"runtime_{key}": "" if value is None else str(value) for key, value in stats.items()}
+        if fields:
+            self._r.hset(_worker_key(name), mapping=fields)
+
+    @_translated
     def worker_gone(self, name: str) -> None:
         """A worker that shuts down cleanly leaves the live set at once."""
         pipe = self._r.pipeline(transaction=True)

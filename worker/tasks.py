@@ -41,6 +41,7 @@ from shared.errors import (
 )
 from shared.names import CPU_QUEUE, GPU_QUEUE, MERGE_JOB, RENDER_CHUNK
 from shared.schemas import ChunkSpec, ChunkStats
+from shared.settings import Settings
 from shared.state import JobStore
 from shared.storage import Storage
 from worker.celery_app import WorkerResources, app, get_resources
@@ -58,8 +59,20 @@ class Heartbeat:
     heartbeat happens here, so a slow store never stalls rendering.
     """
 
-    def __init__(self, store: JobStore, job_id: str, index: int, attempt_id: str, interval_s: float) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        job_id: str,
+        index: int,
+        attempt_id: str,
+        interval_s: float,
+        *,
+        worker: str = "",
+        telemetry: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
         self._store = store
+        self._worker = worker
+        self._telemetry = telemetry
         self._job_id = job_id
         self._index = index
         self._attempt_id = attempt_id
@@ -102,6 +115,11 @@ class Heartbeat:
             self.stale.set()
         except BrokerUnavailableError:
             pass  # the next beat tries again; the reconciler only acts after stall_after_s
+        if self._telemetry is not None and self._worker:
+            try:
+                self._store.worker_runtime(self._worker, self._telemetry())
+            except BrokerUnavailableError:
+                pass
 
     def _loop(self) -> None:
         while not self._done.is_set():
@@ -109,6 +127,13 @@ class Heartbeat:
             self._wake.wait(self._interval_s)
         if not self.stale.is_set():
             self._beat()
+
+
+def _runtime_stats(settings: Settings) -> dict[str, Any]:
+    """The process's GPU telemetry (imported lazily: torch is loaded only by the render child)."""
+    from worker.session import get_session
+
+    return get_session(settings).stats()
 
 
 def _key_of(uri: str) -> str:
@@ -242,7 +267,15 @@ def render_chunk(self: Task, job_id: str, index: int, hops: int = 0) -> dict[str
     attempt_id, spec = started.attempt_id, started.spec
     store.append_log(job_id, f"chunk {index}: attempt {started.delivery} started on {worker}")
     t0 = time.monotonic()
-    heartbeat = Heartbeat(store, job_id, index, attempt_id, settings.heartbeat_interval_s)
+    heartbeat = Heartbeat(
+        store,
+        job_id,
+        index,
+        attempt_id,
+        settings.heartbeat_interval_s,
+        worker=worker,
+        telemetry=lambda: _runtime_stats(settings),
+    )
     try:
         injected = chunk_faults(settings, store, job_id, index, worker)  # a test hook; normally []
         with tempfile.TemporaryDirectory(prefix=f"ff-{job_id}-{index:05d}-") as tmp, heartbeat:

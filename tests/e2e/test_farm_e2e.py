@@ -261,6 +261,15 @@ def test_multiface_long_gop_job_completes_with_every_frame_at_its_source_time(
     assert faces[0] > 0 and faces[1] > faces[0] and faces[3] == 0, faces  # 1 face, 3 faces, none
 
 
+def test_render_workers_publish_their_runtime_telemetry(farm: E2EFarm, main_job: FinishedJob) -> None:
+    workers = {a.worker for c in farm.store.chunks(main_job.job_id) for a in c.attempts}
+    assert workers
+    for name in workers:
+        status = farm.store.worker_status(name)
+        assert status.get("runtime_device") == "cpu", (name, status)
+        assert "runtime_oom_recoveries" in status
+
+
 def test_audio_is_copied_byte_for_byte_and_stays_in_sync(main_job: FinishedJob) -> None:
     source_audio = audio_packet_hashes(main_job.source)
     assert source_audio, "the source must have audio packets"
