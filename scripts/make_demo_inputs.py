@@ -25,11 +25,41 @@ def build_inputs(out: Path, *, width: int = 480, seconds: float = 3.0) -> tuple[
     frames = int(seconds * 25)
     zoom = f"zoompan=z='1+0.15*on/{frames}':x='iw/2-(iw/zoom/2)':y='ih/2-(ih/zoom/2)':d={frames}:s={width}x270:fps=25"
     subprocess.run(
-        ["ffmpeg", "-y", "-v", "error", "-loop", "1", "-i", str(group), "-loop", "1", "-t", "0.4", "-i", str(blank),
-         "-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds + 0.4}",
-         "-filter_complex", f"[0:v]{zoom},format=yuv420p,trim=duration={seconds}[a];"
-         f"[1:v]scale={width}:270,fps=25,format=yuv420p[b];[a][b]concat=n=2:v=1:a=0[v]",
-         "-map", "[v]", "-map", "2:a", "-c:v", "libx264", "-g", "50", "-c:a", "aac", "-shortest", str(video)],
+        [
+            "ffmpeg",
+            "-y",
+            "-v",
+            "error",
+            "-loop",
+            "1",
+            "-i",
+            str(group),
+            "-loop",
+            "1",
+            "-t",
+            "0.4",
+            "-i",
+            str(blank),
+            "-f",
+            "lavfi",
+            "-i",
+            f"sine=frequency=440:duration={seconds + 0.4}",
+            "-filter_complex",
+            f"[0:v]{zoom},format=yuv420p,trim=duration={seconds}[a];"
+            f"[1:v]scale={width}:270,fps=25,format=yuv420p[b];[a][b]concat=n=2:v=1:a=0[v]",
+            "-map",
+            "[v]",
+            "-map",
+            "2:a",
+            "-c:v",
+            "libx264",
+            "-g",
+            "50",
+            "-c:a",
+            "aac",
+            "-shortest",
+            str(video),
+        ],
         check=True,
     )
     return video, face_png

@@ -79,7 +79,9 @@ class Clip:
 
 @pytest.fixture(scope="session")
 def pipeline_store() -> Path:
-    return ensure_store(Path(os.environ.get("FACEFARM_TEST_MODEL_STORE", str(Path.home() / ".cache" / "facefarm" / "models"))))
+    return ensure_store(
+        Path(os.environ.get("FACEFARM_TEST_MODEL_STORE", str(Path.home() / ".cache" / "facefarm" / "models")))
+    )
 
 
 @pytest.fixture(scope="session")
