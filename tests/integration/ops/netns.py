@@ -14,16 +14,23 @@ network. Everything is removed in ``finally``.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 SUBNET_PREFIX = "10.203."
-# run inside a worker host: own hostname, private /tmp with HOME, a scratch dir and the model store
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
+_KEEP = "/run/ff-project-root"
+# run inside a worker host: own hostname, private /tmp with HOME, a scratch dir and the model store;
+# the checkout (and its .venv) stays visible even when it lives under /tmp (a CI clone may).
 WORKER_HOST_SCRIPT = (
-    'hostname "$0" && mount -t tmpfs -o size=1g ff-host-tmp /tmp && mkdir -p /tmp/home /tmp/scratch'
-    ' && cp -r "$FF_MODEL_STORE_SOURCE" /tmp/models && exec "$@"'
+    f'hostname "$0" && mkdir -p {_KEEP} && mount --bind {shlex.quote(str(PROJECT_ROOT))} {_KEEP}'
+    " && mount -t tmpfs -o size=1g ff-host-tmp /tmp"
+    f" && mkdir -p {shlex.quote(str(PROJECT_ROOT))} && mount --bind {_KEEP} {shlex.quote(str(PROJECT_ROOT))}"
+    ' && mkdir -p /tmp/home /tmp/scratch && cp -r "$FF_MODEL_STORE_SOURCE" /tmp/models && exec "$@"'
 )
 HEAD_HOST_SCRIPT = 'hostname "$0" && exec "$@"'
 
