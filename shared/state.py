@@ -235,7 +235,7 @@ class JobStore:
         block_after_failures: int = 0,
         block_ttl_s: int = 3600,
     ) -> None:
-        self._r: Any = client  # decode_responses=True: replies are str (the stubs cannot tell)
+        self._r: Any = client  # decode_responses=True: replies are str (the type hints cannot tell)
         self.max_attempts = max_attempts
         self.block_after_failures = block_after_failures  # 0 = never block a worker
         self.block_ttl_s = block_ttl_s

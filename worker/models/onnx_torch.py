@@ -45,12 +45,12 @@ def import_onnx2torch() -> types.ModuleType:
             import onnx2torch
 
             return onnx2torch
-        stub = types.ModuleType("torchvision")
+        shim = types.ModuleType("torchvision")
         ops = types.ModuleType("torchvision.ops")
         for name in ("nms", "box_convert", "roi_align"):
             setattr(ops, name, _missing_torchvision)
-        stub.ops = ops  # type: ignore[attr-defined]
-        sys.modules["torchvision"] = stub
+        shim.ops = ops  # type: ignore[attr-defined]
+        sys.modules["torchvision"] = shim
         sys.modules["torchvision.ops"] = ops
         try:
             import onnx2torch
