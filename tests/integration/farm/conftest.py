@@ -29,7 +29,12 @@ from tests.support.services import (
 VIDEO_W, VIDEO_H, VIDEO_FPS = 160, 96, 15
 BATCH_FRAMES = 4
 CHUNK_FRAMES = 15
-FARM_OVERRIDES = {"FACEFARM_BATCH_FRAMES": str(BATCH_FRAMES), "FACEFARM_CHUNK_FRAMES": str(CHUNK_FRAMES)}
+STALL_VIDEO = "stall-multiface.mp4"  # rendered slowly (test fault hook), so a chunk can be frozen mid-way
+FARM_OVERRIDES = {
+    "FACEFARM_BATCH_FRAMES": str(BATCH_FRAMES),
+    "FACEFARM_CHUNK_FRAMES": str(CHUNK_FRAMES),
+    "FACEFARM_FAULT_INJECTION": f"sleep:chunk,video={STALL_VIDEO},s=0.5",
+}
 
 
 @dataclass

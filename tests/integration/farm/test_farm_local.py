@@ -17,7 +17,7 @@ from celery import Celery
 from dispatcher import service
 from dispatcher.reconciler import reconcile_once
 from shared.schemas import ChunkStatus, JobOptions, JobStatus, JobView
-from tests.integration.farm.conftest import BATCH_FRAMES, Farm
+from tests.integration.farm.conftest import BATCH_FRAMES, STALL_VIDEO, Farm
 from tests.support.media import count_frames, keyframe_count
 
 pytestmark = pytest.mark.integration
@@ -193,21 +193,22 @@ def test_upload_over_the_limit_is_refused(local_farm: Farm) -> None:
 
 
 def test_reconciler_requeues_a_chunk_whose_worker_stalled(
-    local_farm: Farm, multiface_video: Path, face_image: Path
+    local_farm: Farm, multiface_video: Path, face_image: Path, tmp_path: Path
 ) -> None:
     """A worker frozen mid-chunk (SIGSTOP) stops heartbeating; the reconciler hands its chunk to another."""
     import os
     import signal
 
-    view = submit(local_farm, multiface_video, face_image)
+    slow_copy = tmp_path / STALL_VIDEO  # each of its batches sleeps 0.5 s: the job cannot race ahead
+    shutil.copyfile(multiface_video, slow_copy)
+    view = submit(local_farm, slow_copy, face_image)
     job_id = view.job_id
     store = local_farm.ctx.store
     seen = wait_until(
         local_farm, job_id, lambda v: v.stats.get("chunks_running", 0) >= 1 or v.status.finished
     )
     running = [c for c in store.chunks(job_id) if c.status is ChunkStatus.RUNNING]
-    if not running:
-        pytest.skip(f"job finished before a chunk could be frozen: {seen[-1]}")
+    assert running, f"no chunk was running to freeze: {seen[-1]}"
     victim = running[0]
     pid = _child_pid_of(local_farm, victim.worker)
     os.kill(pid, signal.SIGSTOP)
