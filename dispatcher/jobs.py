@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import cv2
-import numpy as np
+from typing import Any, TypeVar
 
 from dispatcher.planner import (
     ChunkRange,
@@ -27,9 +24,9 @@ from dispatcher.planner import (
     planning_notes,
 )
 from dispatcher.service import FarmContext, enqueue_renders
-from shared.errors import FaceFarmError, InvalidImageError, InvalidVideoError, LimitExceededError, NoFaceError
+from shared.errors import FaceFarmError, InvalidVideoError
 from shared.faults import fire, select
-from shared.media import VideoInfo, display_name, probe
+from shared.media import VideoInfo, check_decodes, display_name, probe
 from shared.names import storage_chunk_key, storage_output_key
 from shared.schemas import ChunkSpec, JobStatus
 from shared.settings import Settings
@@ -39,8 +36,7 @@ from shared.storage import Storage
 CHUNK_EXT = "mp4"
 OUTPUT_EXT = "mp4"
 MIN_MERGE_LEASE_S = 10.0
-MAX_FACE_IMAGE_BYTES = 50 * 1024 * 1024
-MIN_FACE_IMAGE_PX = 32
+T = TypeVar("T")
 
 
 def plan_job_now(ctx: FarmContext, job_id: str) -> dict[str, Any]:
@@ -55,18 +51,14 @@ def plan_job_now(ctx: FarmContext, job_id: str) -> dict[str, Any]:
     store.append_log(job_id, "planning: probing the video")
 
     source = storage.local_path_or_url(job.video_uri)
-    try:
-        info = probe(source)
-    except InvalidVideoError as exc:  # name the user's file, not our storage path or a presigned URL
-        user_name = job.audit.get("input_names", {}).get("video")
-        if not user_name:
-            raise
-        message = str(exc).replace(display_name(source), user_name)
-        raise InvalidVideoError(message, **exc.context) from exc
+    info = _user_named(job, source, lambda: probe(source))
     options = job.options
     check_limits(info, options, settings)
-    face_name = job.audit.get("input_names", {}).get("face") or "face image"
-    check_face_image(storage, job.face_uri, face_name)
+    if settings.decode_check:
+        store.append_log(job_id, "planning: decoding every frame once to find corrupt data")
+        _user_named(
+            job, source, lambda: check_decodes(source, info, timeout_s=settings.decode_check_timeout_s)
+        )
     if options.start_s is not None or options.end_s is not None:
         start_frame, end_frame = frame_range_for(info, options.start_s, options.end_s)
     else:
@@ -115,31 +107,17 @@ def plan_job_now(ctx: FarmContext, job_id: str) -> dict[str, Any]:
     return {"job_id": job_id, "chunks": len(specs), "order": order}
 
 
-def check_face_image(storage: Storage, uri: str, name: str) -> None:
-    """Refuse, before any GPU work, a face image that is empty, unreadable or too small to hold a face.
-
-    Whether it shows a usable face needs the detector, so that is checked by the first render
-    attempt (a permanent ``NoFaceError``, no retries).
-    """
-    size = storage.size(uri)
-    if size == 0:
-        raise InvalidImageError(f"face image {name} is empty (0 bytes); give a JPEG or PNG photo with a face")
-    if size > MAX_FACE_IMAGE_BYTES:
-        raise LimitExceededError(
-            f"face image {name} is {size} bytes; the limit is {MAX_FACE_IMAGE_BYTES}; give a smaller photo"
-        )
-    data = storage.open_range(uri, 0, size - 1)
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if image is None or image.size == 0:
-        raise InvalidImageError(
-            f"face image {name} is not a readable image ({size} bytes); give a JPEG, PNG or WebP photo"
-        )
-    height, width = image.shape[:2]
-    if min(height, width) < MIN_FACE_IMAGE_PX:
-        raise NoFaceError(
-            f"face image {name} is {width}x{height} px, too small to hold a usable face "
-            f"(at least {MIN_FACE_IMAGE_PX} px a side); use a larger photo"
-        )
+def _user_named(job: JobRecord, source: str, step: Callable[[], T]) -> T:
+    """Run a probe step; its ``InvalidVideoError`` names the user's file, not our storage path or a
+    presigned URL."""
+    try:
+        return step()
+    except InvalidVideoError as exc:
+        user_name = job.audit.get("input_names", {}).get("video")
+        if not user_name:
+            raise
+        message = str(exc).replace(display_name(source), user_name)
+        raise InvalidVideoError(message, **exc.context) from exc
 
 
 def merge_job_now(ctx: FarmContext, job_id: str, workdir: Path, *, timeout_s: float) -> dict[str, Any]:

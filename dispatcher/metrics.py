@@ -17,13 +17,13 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 from prometheus_client.registry import Collector
 
 from shared.errors import FaceFarmError, NotFoundError
-from shared.names import CPU_QUEUE, GPU_QUEUE
+from shared.names import CHECK_QUEUE, CPU_QUEUE, GPU_QUEUE
 from shared.schemas import JobStatus
 from shared.state import JobRecord, JobStore
 
 RECENT_FINISHED_JOBS = 500
 CHUNK_SECONDS_BUCKETS: tuple[float, ...] = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600)
-QUEUES: tuple[str, ...] = (CPU_QUEUE, GPU_QUEUE)
+QUEUES: tuple[str, ...] = (CHECK_QUEUE, CPU_QUEUE, GPU_QUEUE)
 
 
 class FarmCollector(Collector):

@@ -12,7 +12,15 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from shared.errors import BadInputError, NotFoundError, PermanentError
-from shared.names import CPU_QUEUE, GPU_QUEUE, MERGE_JOB, PLAN_JOB, RENDER_CHUNK, storage_input_key
+from shared.names import (
+    CHECK_INPUTS,
+    CHECK_QUEUE,
+    CPU_QUEUE,
+    GPU_QUEUE,
+    MERGE_JOB,
+    RENDER_CHUNK,
+    storage_input_key,
+)
 from shared.schemas import JobOptions, JobStatus, JobView
 from shared.settings import Settings
 from shared.state import JobRecord, JobStore
@@ -49,8 +57,13 @@ def _short_id() -> str:
 
 
 def enqueue_plan(ctx: FarmContext, job_id: str) -> None:
+    """A job's first step: the worker-side input check (face detector, CPU), which enqueues planning."""
     ctx.send_task(
-        PLAN_JOB, [job_id], queue=CPU_QUEUE, task_id=f"plan-{job_id}-{_short_id()}", argsrepr=f"job={job_id}"
+        CHECK_INPUTS,
+        [job_id],
+        queue=CHECK_QUEUE,
+        task_id=f"check-{job_id}-{_short_id()}",
+        argsrepr=f"job={job_id}",
     )
 
 

@@ -165,7 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=_gpu_list, default="all", help="all, none, or a list like 0,1")
     p.add_argument("--per-gpu", type=_positive_int, default=1, metavar="K", help="worker processes per GPU")
     p.add_argument("--mps", choices=("auto", "managed", "external", "off"), default="auto")
-    p.add_argument("--queues", type=_queue_list, default=["gpu"], metavar="gpu,cpu")
+    p.add_argument(
+        "--queues",
+        type=_queue_list,
+        default=["gpu", "check"],
+        metavar="gpu,check,cpu",
+        help="gpu: render clients; check: one CPU process running the face check before planning; "
+        "cpu: the plan/merge process (default gpu,check)",
+    )
     p.add_argument("--unblock", action="store_true", help="clear this node's failure block and exit")
 
     _add(sub, "flower", _cmd_flower, "run Flower (requires FACEFARM_FLOWER_BASIC_AUTH)", [])

@@ -1,7 +1,7 @@
 """The embedded farm behind ``facefarm render`` without ``--api``: a whole private farm per run.
 
 It starts a private ``redis-server`` (no persistence) in a temp dir, the API on a free port with an
-ephemeral token (only its hash reaches the API), a CPU worker and a render worker, all configured by
+ephemeral token (only its hash reaches the API), a CPU worker, a render worker and a CPU-only check worker, all configured by
 ``FACEFARM_*`` variables built from one settings dict; then it submits through ``FarmClient`` like
 any user would, and always tears everything down: every child runs in its own process group, which
 gets SIGTERM, then SIGKILL, also on Ctrl-C, SIGTERM or failure.
@@ -32,7 +32,7 @@ import httpx
 from dispatcher.auth import create_token
 from facefarm.client import FarmClient
 from shared.errors import BrokerUnavailableError, ConfigError
-from shared.names import CPU_QUEUE, GPU_QUEUE
+from shared.names import CHECK_QUEUE, CPU_QUEUE, GPU_QUEUE
 from shared.schemas import JobOptions, JobView
 from shared.settings import Settings
 
@@ -362,6 +362,12 @@ def run_embedded_farm(settings: Settings, *, use_gpu: bool, debug: bool = False)
             tag = uuid.uuid4().hex[:8]
             start("CPU worker", celery_worker_args("dispatcher.celery_app", CPU_QUEUE, f"cpu-{tag}"), env)
             start("render worker", celery_worker_args("worker.celery_app", GPU_QUEUE, f"render-{tag}"), env)
+            check_env = {**env, "CUDA_VISIBLE_DEVICES": "", "FACEFARM_DEVICE": "cpu"}
+            start(
+                "check worker",
+                celery_worker_args("worker.celery_app", CHECK_QUEUE, f"check-{tag}"),
+                check_env,
+            )
             api_url = f"http://127.0.0.1:{api_port}"
             farm = EmbeddedFarm(workdir=workdir, api_url=api_url, token=token, children=children)
             farm.check_alive()

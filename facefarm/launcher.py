@@ -21,7 +21,7 @@ from types import FrameType
 from typing import Any
 
 from shared.errors import ConfigError
-from shared.names import CPU_QUEUE
+from shared.names import CHECK_QUEUE, CPU_QUEUE
 from shared.settings import Settings
 from worker.runtime.mps import (
     ClientEnv,
@@ -39,6 +39,10 @@ POLL_S = 0.5
 DISPATCHER_APP = "dispatcher.celery_app"
 DISPATCHER_QUEUES = (CPU_QUEUE,)
 DISPATCHER_NODE = "dispatch-0@%h"
+# the input check runs the render app's face detector, but on the CPU, in a process of its own so a
+# bad photo is refused in a second even while every GPU client is busy with a chunk
+CHECK_QUEUES = (CHECK_QUEUE,)
+CHECK_NODE = "check-0@%h"
 
 
 @dataclass(frozen=True)
@@ -98,17 +102,30 @@ def select_gpus(spec: str, available: Sequence[GpuInfo]) -> list[GpuInfo]:
     return chosen
 
 
-def split_queues(queues: Sequence[str]) -> tuple[list[str], list[str]]:
-    """``(render queues, dispatcher queues)``: each queue is consumed by the app that knows its tasks."""
-    render = [q for q in queues if q not in DISPATCHER_QUEUES]
+def split_queues(queues: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
+    """``(render queues, dispatcher queues, check queues)``: each queue goes to the process kind
+    that runs its tasks (GPU clients, the dispatcher app, the CPU-only check process)."""
+    render = [q for q in queues if q not in DISPATCHER_QUEUES and q not in CHECK_QUEUES]
     dispatch = [q for q in queues if q in DISPATCHER_QUEUES]
-    return render, dispatch
+    check = [q for q in queues if q in CHECK_QUEUES]
+    return render, dispatch, check
 
 
 def dispatcher_client() -> ClientEnv:
     """The one CPU process that runs plan/merge tasks on this node (never touches a GPU)."""
     return ClientEnv(
         gpu=None, slot=0, node_name=DISPATCHER_NODE, mps_mode="off", env={"CUDA_VISIBLE_DEVICES": ""}
+    )
+
+
+def check_client() -> ClientEnv:
+    """The one CPU-only process that runs the input check (face detector) on this node."""
+    return ClientEnv(
+        gpu=None,
+        slot=0,
+        node_name=CHECK_NODE,
+        mps_mode="off",
+        env={"CUDA_VISIBLE_DEVICES": "", "FACEFARM_DEVICE": "cpu"},
     )
 
 
@@ -182,7 +199,7 @@ def run_workers(
     """Run the workers until they exit; returns the exit code for the CLI."""
     if not queues:
         raise ConfigError("--queues must name at least one queue (e.g. gpu,cpu)")
-    render_queues, dispatch_queues = split_queues(queues)
+    render_queues, dispatch_queues, check_queues = split_queues(queues)
     renders = bool(render_queues)
     chosen = select_gpus(gpus, discover_gpus() if renders and gpus.strip().lower() != "none" else [])
     daemon_running = is_mps_daemon_running(settings.mps_pipe_dir)
@@ -224,6 +241,12 @@ def run_workers(
                 python=sys.executable,
                 log_level=settings.log_level,
                 app=DISPATCHER_APP,
+            )
+            supervisor.start(client, command, {**base_env, **client.env})
+        if check_queues:
+            client = check_client()
+            command = build_worker_command(
+                client, check_queues, python=sys.executable, log_level=settings.log_level
             )
             supervisor.start(client, command, {**base_env, **client.env})
         return supervisor.wait()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from shared.names import CPU_QUEUE, GPU_QUEUE, MERGE_JOB, PLAN_JOB, RENDER_CHUNK
+from shared.names import CHECK_INPUTS, CHECK_QUEUE, CPU_QUEUE, GPU_QUEUE, MERGE_JOB, PLAN_JOB, RENDER_CHUNK
 from shared.settings import Settings
 
 Role = Literal["cpu", "gpu"]
@@ -23,8 +23,9 @@ BROKER_HEALTH_CHECK_S = 25
 
 
 def task_routes() -> dict[str, dict[str, str]]:
-    """Render on the gpu queue; planning and merging on the cpu queue."""
+    """Check inputs on the check queue, render on the gpu queue, plan and merge on the cpu queue."""
     return {
+        CHECK_INPUTS: {"queue": CHECK_QUEUE},
         RENDER_CHUNK: {"queue": GPU_QUEUE},
         PLAN_JOB: {"queue": CPU_QUEUE},
         MERGE_JOB: {"queue": CPU_QUEUE},

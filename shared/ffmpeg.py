@@ -51,6 +51,24 @@ def packet_scan_args(source: str, stream_index: int) -> list[str]:
     ]
 
 
+def decode_check_args(source: str, stream_index: int) -> list[str]:
+    """Decode every frame of one stream, discard it, and stop at the first decoding error (``-xerror``)."""
+    return [
+        FFMPEG,
+        "-nostdin",
+        "-v",
+        "error",
+        "-xerror",
+        "-i",
+        source,
+        "-map",
+        f"0:{stream_index}",
+        "-f",
+        "null",
+        "-",
+    ]
+
+
 def stream_time_base_args(source: str, stream_index: int) -> list[str]:
     """The time base of one stream, printed bare (``1/30000``)."""
     return [

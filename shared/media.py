@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict
 
 from shared.errors import InvalidVideoError
-from shared.ffmpeg import packet_scan_args, probe_args, run_ffmpeg
+from shared.ffmpeg import decode_check_args, packet_scan_args, probe_args, run_ffmpeg
 
 HDR_TRANSFERS = frozenset({"smpte2084", "arib-std-b67"})
 # Demuxers that read single pictures; a file they accept is a still image, not a video.
@@ -138,6 +138,35 @@ def probe(source: str) -> VideoInfo:
     )
     packets = parse_packets(scan.stdout.decode("utf-8", "replace"))
     return parse_probe(probe_json, packets, source=name, scan_errors=scan.stderr.decode("utf-8", "replace"))
+
+
+def check_decodes(source: str, info: VideoInfo, *, timeout_s: float) -> None:
+    """Decode the whole video stream once and refuse it at its first corrupt frame.
+
+    The probe reads only headers and packets; damage inside the coded frames shows only when they
+    are decoded. Finding it here, on the CPU before planning, fails the job with the position of the
+    damage instead of at a render attempt after GPU work was spent on the chunks before it.
+    """
+    name = display_name(source)
+    try:
+        run_ffmpeg(decode_check_args(source, info.stream_index), timeout_s=timeout_s, user_input=name)
+    except InvalidVideoError as exc:
+        tail = str(exc.context.get("stderr_tail", ""))
+        detail = decode_error_detail(tail)
+        raise InvalidVideoError(
+            f"{name}: corrupt video data: decoding stopped {detail}; the file is damaged, "
+            "re-export or repair it (e.g. re-encode it with ffmpeg) and submit again",
+            stderr_tail=tail,
+        ) from exc
+
+
+def decode_error_detail(stderr_tail: str) -> str:
+    """ffmpeg's first error line, without its ``[h264 @ 0x..]`` tag."""
+    for line in stderr_tail.splitlines():
+        text = re.sub(r"^\[[^\]]*\]\s*", "", line).strip()
+        if text:
+            return f"at {text!r}"
+    return "with an error"
 
 
 def _check_local_file(source: str, name: str) -> None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 CPU_QUEUE = "cpu"
 GPU_QUEUE = "gpu"
+# CPU-only worker processes that run the face detector on a job's inputs before it is planned
+CHECK_QUEUE = "check"
 
+CHECK_INPUTS = "facefarm.check_inputs"
 PLAN_JOB = "facefarm.plan_job"
 RENDER_CHUNK = "facefarm.render_chunk"
 MERGE_JOB = "facefarm.merge_job"

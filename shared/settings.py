@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     max_height: int = 8192
     max_frames: int = 1_000_000
     max_output_pixels: int = 7680 * 4320
+    # decode every frame once at plan time (CPU) so corrupt data fails the job before any render;
+    # off skips it for very long inputs (a render then fails at the damaged chunk instead)
+    decode_check: bool = True
+    decode_check_timeout_s: float = 1800.0
 
     # --- planning ----------------------------------------------------------------------------
     chunk_frames: int = 0  # 0 = derive from target_chunk_s

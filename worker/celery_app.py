@@ -1,4 +1,4 @@
-"""The render worker's Celery app (gpu queue) and the per-process resources its tasks use.
+"""The render worker's Celery app (gpu and check queues) and the per-process resources its tasks use.
 
 ``celery -A worker.celery_app worker -Q gpu -P prefork -c 1`` names this module. Nothing here touches
 CUDA or imports torch: the pipeline is imported lazily inside the task, in the forked child, so the
@@ -17,7 +17,7 @@ from shared.settings import Settings, get_settings
 from shared.state import JobStore
 from shared.storage import Storage, create_storage
 
-app = Celery("facefarm-worker", include=["worker.tasks", "worker.hooks"], set_as_current=False)
+app = Celery("facefarm-worker", include=["worker.tasks", "worker.checks", "worker.hooks"], set_as_current=False)
 app.add_defaults(lambda: celery_config(get_settings(), role="gpu"))
 
 

@@ -22,6 +22,7 @@ from celery.signals import worker_process_init, worker_process_shutdown, worker_
 from celery.utils.log import get_logger
 
 from shared.errors import FaceFarmError
+from shared.names import GPU_QUEUE
 from shared.settings import Settings, get_settings
 from shared.state import JobStore
 from worker.celery_app import app, close_resources, open_resources
@@ -112,6 +113,8 @@ def _start_watch(sender: Any = None, **_: Any) -> None:
     if not name:
         return
     queues = sorted(sender.app.amqp.queues.consume_from)
+    if GPU_QUEUE not in queues:  # a check-only process renders nothing: not a chunk's candidate
+        return
     watch = WorkerWatch(get_settings(), name, queues)
     watch.start()
     _watch.append(watch)

@@ -20,6 +20,7 @@ from tests.support.services import CeleryWorker, redis_server, start_celery_work
 DEFAULT_TEST_MODEL_STORE = str(Path.home() / ".cache" / "facefarm" / "models")
 RENDER_APP, RENDER_QUEUE = "worker.celery_app", "gpu"
 CPU_APP, CPU_QUEUE = "dispatcher.celery_app", "cpu"
+CHECK_QUEUE = "check"  # the face check before planning: the render app, on the CPU
 
 
 def model_store_path() -> Path:
@@ -75,10 +76,12 @@ class FarmProcesses:
     inputs: Path
     render_workers: list[CeleryWorker]
     cpu_worker: CeleryWorker
+    check_worker: CeleryWorker
 
     def worker_logs(self, tail_chars: int = 3000) -> str:
         return "\n".join(
-            f"--- {w.name} ---\n{w.log()[-tail_chars:]}" for w in [*self.render_workers, self.cpu_worker]
+            f"--- {w.name} ---\n{w.log()[-tail_chars:]}"
+            for w in [*self.render_workers, self.cpu_worker, self.check_worker]
         )
 
 
@@ -98,7 +101,8 @@ def run_farm(
     *,
     render_workers: int = 2,
 ) -> Iterator[FarmProcesses]:
-    """redis-server + ``render_workers`` gpu-queue workers + 1 cpu-queue worker; all stopped on exit."""
+    """redis-server + ``render_workers`` gpu-queue workers + 1 cpu-queue and 1 check-queue worker;
+    all stopped on exit."""
     inputs = workdir / "inputs"
     inputs.mkdir()
     logs = workdir / "logs"
@@ -111,6 +115,7 @@ def run_farm(
         for i in range(render_workers):
             workers.append(start_celery_worker(RENDER_APP, RENDER_QUEUE, f"render{i}", env, logs))
         workers.append(start_celery_worker(CPU_APP, CPU_QUEUE, "cpu0", env, logs))
+        workers.append(start_celery_worker(RENDER_APP, CHECK_QUEUE, "check0", env, logs))
         for worker in workers:
             worker.wait_ready()
-        yield FarmProcesses(settings_from(env), env, inputs, workers[:-1], workers[-1])
+        yield FarmProcesses(settings_from(env), env, inputs, workers[:-2], workers[-2], workers[-1])

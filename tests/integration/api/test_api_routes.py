@@ -109,12 +109,12 @@ def test_healthz_and_metrics_need_no_token_and_show_no_job_data(api: httpx.Clien
     assert job_id not in metrics.text and "alice" not in metrics.text
     assert 'facefarm_jobs{status="QUEUED"}' in metrics.text
     assert "facefarm_store_up 1.0" in metrics.text
-    # the queued plan message sits in the cpu queue: no worker is running
+    # the job's first message (the input check) sits in the check queue: no worker is running
     assert 'facefarm_queue_length{queue="cpu"}' in metrics.text
-    cpu_line = next(
-        ln for ln in metrics.text.splitlines() if ln.startswith('facefarm_queue_length{queue="cpu"}')
+    check_line = next(
+        ln for ln in metrics.text.splitlines() if ln.startswith('facefarm_queue_length{queue="check"}')
     )
-    assert float(cpu_line.split()[-1]) >= 1
+    assert float(check_line.split()[-1]) >= 1
 
 
 def test_bad_options_are_a_422_naming_the_field(api: httpx.Client) -> None:
@@ -202,7 +202,7 @@ def test_an_injected_context_is_used_as_is(api_settings: Settings) -> None:
     )
     with serve_in_thread(create_app(api_settings, context=ctx)) as client:
         submit(client, "bob")
-    assert [args[0] for args in sent] == ["facefarm.plan_job"]
+    assert [args[0] for args in sent] == ["facefarm.check_inputs"]  # the face check comes first
 
 
 def test_json_submit_adopts_file_uris_inside_the_configured_roots(api_settings: Settings, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -45,9 +45,10 @@ class Farm:
     inputs: Path
     render_workers: list[CeleryWorker]
     cpu_worker: CeleryWorker
+    check_worker: CeleryWorker
 
     def worker_logs(self) -> str:
-        return "\n".join(w.log()[-3000:] for w in [*self.render_workers, self.cpu_worker])
+        return "\n".join(w.log()[-3000:] for w in [*self.render_workers, self.cpu_worker, self.check_worker])
 
 
 @contextmanager
@@ -63,7 +64,15 @@ def farm_with_context(
 
 def _farm(procs: FarmProcesses) -> Farm:
     ctx = create_context(procs.settings)
-    return Farm(ctx, procs.settings, procs.env, procs.inputs, procs.render_workers, procs.cpu_worker)
+    return Farm(
+        ctx,
+        procs.settings,
+        procs.env,
+        procs.inputs,
+        procs.render_workers,
+        procs.cpu_worker,
+        procs.check_worker,
+    )
 
 
 @pytest.fixture(scope="module")

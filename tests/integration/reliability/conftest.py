@@ -233,15 +233,19 @@ class Farm:
     api_url: str
     logs_dir: Path
     reconciler_stop: threading.Event = field(default_factory=threading.Event)
+    check_worker: CeleryWorker | None = None
+
+    @property
+    def all_workers(self) -> list[CeleryWorker]:
+        extra = [self.check_worker] if self.check_worker is not None else []
+        return [*self.render_workers, self.cpu_worker, *extra]
 
     def worker(self, name: str) -> CeleryWorker:
         node = name.split("@")[0]
-        return next(w for w in [*self.render_workers, self.cpu_worker] if w.name == node)
+        return next(w for w in self.all_workers if w.name == node)
 
     def worker_logs(self, tail_chars: int = 3000) -> str:
-        return "\n".join(
-            f"--- {w.name} ---\n{w.log()[-tail_chars:]}" for w in [*self.render_workers, self.cpu_worker]
-        )
+        return "\n".join(f"--- {w.name} ---\n{w.log()[-tail_chars:]}" for w in self.all_workers)
 
     def node(self, name: str) -> str:
         """The Celery node name of worker ``name`` (``render0@host``)."""
@@ -337,6 +341,8 @@ def run_reliability_farm(
         for i in range(render_workers):
             workers.append(start_celery_worker("worker.celery_app", "gpu", f"render{i}", env, logs))
         workers.append(start_celery_worker("dispatcher.celery_app", "cpu", "cpu0", env, logs))
+        checker = start_celery_worker("worker.celery_app", "check", "check0", env, logs)
+        workers.append(checker)
         for worker in workers:
             worker.wait_ready()
         settings = settings_from(
@@ -352,7 +358,18 @@ def run_reliability_farm(
         stack.callback(stop.set)
         api_url = stack.enter_context(serve_app(create_app(settings)))
         farm = Farm(
-            ctx, settings, env, inputs, storage_root, redis, workers[:-1], workers[-1], api_url, logs, stop
+            ctx,
+            settings,
+            env,
+            inputs,
+            storage_root,
+            redis,
+            workers[:-2],
+            workers[-2],
+            api_url,
+            logs,
+            stop,
+            check_worker=checker,
         )
         _wait_for_live_workers(farm, render_workers)
         yield farm

@@ -39,9 +39,6 @@ class Case:
     role: str  # "video" | "face"
     allowed: frozenset[str]
     options: dict[str, object] = field(default_factory=dict)
-    # Refused only by the first render attempt (permanent, never retried): what needs decoding or
-    # the face detector cannot be seen by the probe.
-    refused_at_render: bool = False
 
     @property
     def renders(self) -> bool:
@@ -221,14 +218,12 @@ def _gradient() -> np.ndarray:
     return np.dstack([np.tile(ramp, (200, 1))] * 3)
 
 
-def _video(
-    name: str, make: Callable[[Path], Path], *allowed: str, at_render: bool = False, **options: object
-) -> Case:
-    return Case(name, make, "video", frozenset(allowed), dict(options), refused_at_render=at_render)
+def _video(name: str, make: Callable[[Path], Path], *allowed: str, **options: object) -> Case:
+    return Case(name, make, "video", frozenset(allowed), dict(options))
 
 
 def _face(name: str, make: Callable[[Path], Path], *allowed: str) -> Case:
-    return Case(name, make, "face", frozenset(allowed), refused_at_render=NO_FACE in allowed)
+    return Case(name, make, "face", frozenset(allowed))
 
 
 def corpus() -> list[Case]:
@@ -286,13 +281,7 @@ def corpus() -> list[Case]:
             COMPLETED,
             INVALID_VIDEO,
         ),
-        _video(
-            "corrupt_mid_stream.mp4",
-            corrupt_middle("corrupt_mid_stream.mp4"),
-            COMPLETED,
-            INVALID_VIDEO,
-            at_render=True,
-        ),
+        _video("corrupt_mid_stream.mp4", corrupt_middle("corrupt_mid_stream.mp4"), INVALID_VIDEO),
         # --- no video stream / not moving pictures
         _video("audio_only.m4a", audio("audio_only.m4a", ["-c:a", "aac"]), INVALID_VIDEO),
         _video(

@@ -1,9 +1,9 @@
 """The bad-input corpus through the client AND the CLI (``facefarm submit``/``wait --api``).
 
 Each case (``corpus.py``) must render or end with one of its allowed permanent errors; a refusal
-comes within 10 s, before any chunk reaches the gpu queue unless it needs decoding or the face
-detector (``Case.refused_at_render``: found by the first render attempt, never retried). No worker crashes, no job
-hangs, no temp files remain.
+comes within 10 s and before any chunk exists (so before any GPU task): at submit (API), at the
+input check (face detector on a CPU-only worker) or at planning (probe, limits, a full decode on the
+CPU). No worker crashes, no job hangs, no temp files remain.
 """
 
 from __future__ import annotations
@@ -52,7 +52,10 @@ def _stage(farm: Farm, job_id: str | None, ended: str) -> str:
         return "submit"
     if ended == COMPLETED:
         return "done"
-    return "render" if farm.ctx.store.get_job(job_id).chunks_total else "plan"
+    if farm.ctx.store.get_job(job_id).chunks_total:
+        return "render"
+    logs = farm.ctx.store.logs(job_id)
+    return "check" if any(" input check failed" in line for line in logs) else "plan"
 
 
 def via_client(farm: Farm, case: Case, video: Path, face: Path) -> Ending:
@@ -110,7 +113,7 @@ def check_clean(farm: Farm, ending: Ending) -> None:
     assert farm.storage_root is not None
     job_dir = farm.storage_root / "jobs" / ending.job_id
     assert not [p for p in job_dir.rglob("*") if ".tmp" in p.name], list(job_dir.rglob("*"))
-    if ending.stage in ("submit", "plan"):
+    if ending.stage in ("submit", "check", "plan"):
         assert not (job_dir / "chunks").exists()  # nothing was rendered for a refusal
     assert farm.ctx.store.get_job(ending.job_id).status.finished  # no hung job
 
@@ -146,8 +149,7 @@ def test_bad_input_renders_or_is_refused_with_a_permanent_error(
         )
         if ending.ended != COMPLETED:
             assert ending.seconds <= REFUSAL_S, (case.name, ending)
-            if not case.refused_at_render:
-                assert ending.stage in ("submit", "plan"), (case.name, ending)  # before any GPU task
+            assert ending.stage in ("submit", "check", "plan"), (case.name, ending)  # before any GPU task
         else:
             view = farm.ctx.store.view(ending.job_id or "")
             assert view.status is JobStatus.COMPLETED and view.frames_total > 0
@@ -155,7 +157,7 @@ def test_bad_input_renders_or_is_refused_with_a_permanent_error(
         check_clean(farm, ending)
     if cli.ended == "?":  # refused before a job existed: the client said which error it is
         assert client.stage == "submit" and client.ended != COMPLETED, (client, cli)
-    for worker in [*farm.render_workers, farm.cpu_worker]:
+    for worker in farm.all_workers:
         assert worker.proc.poll() is None, f"{worker.name} crashed"
     record(
         "bad_input",

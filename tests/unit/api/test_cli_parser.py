@@ -106,7 +106,7 @@ def test_worker_options_parse_to_launcher_arguments() -> None:
         ["gpu", "cpu"],
         False,
     )
-    assert parse("worker").gpus == "all" and parse("worker").queues == ["gpu"]
+    assert parse("worker").gpus == "all" and parse("worker").queues == ["gpu", "check"]
 
 
 @pytest.mark.parametrize(

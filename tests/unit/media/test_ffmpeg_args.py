@@ -165,3 +165,12 @@ def test_x265_options_pin_threads_and_level() -> None:
     assert {"open-gop=0", "bframes=0", "keyint=120", "pools=3", "frame-threads=3", "level-idc=5.1"} <= set(
         params
     )
+
+
+def test_the_decode_check_decodes_one_stream_to_nothing_and_stops_at_the_first_error() -> None:
+    from shared.ffmpeg import decode_check_args
+
+    args = decode_check_args("in.mp4", 2)
+    assert args[0] == "ffmpeg" and "-xerror" in args
+    assert args[args.index("-map") + 1] == "0:2"
+    assert args[-3:] == ["-f", "null", "-"]

@@ -195,12 +195,24 @@ def test_a_worker_that_dies_on_its_own_gives_a_failing_exit_code() -> None:
 def test_the_cpu_queue_goes_to_the_dispatcher_app_that_registers_plan_and_merge() -> None:
     from facefarm.launcher import DISPATCHER_APP, dispatcher_client, split_queues
 
-    assert split_queues(["gpu"]) == (["gpu"], [])
-    assert split_queues(["cpu"]) == ([], ["cpu"])
-    assert split_queues(["gpu", "cpu"]) == (["gpu"], ["cpu"])
+    assert split_queues(["gpu"]) == (["gpu"], [], [])
+    assert split_queues(["cpu"]) == ([], ["cpu"], [])
+    assert split_queues(["gpu", "cpu"]) == (["gpu"], ["cpu"], [])
+    assert split_queues(["gpu", "check", "cpu"]) == (["gpu"], ["cpu"], ["check"])
     client = dispatcher_client()
     command = build_worker_command(client, ["cpu"], python="py", log_level="INFO", app=DISPATCHER_APP)
     assert command[command.index("-A") + 1] == "dispatcher.celery_app"
     # a CPU render worker on the same node is cpu0-0@%h: the names must not clash
     assert command[command.index("-n") + 1] == "dispatch-0@%h"
     assert client.env == {"CUDA_VISIBLE_DEVICES": ""}
+
+
+def test_the_check_queue_gets_one_cpu_only_render_app_process_named_apart_from_the_gpu_clients() -> None:
+    from facefarm.launcher import check_client
+
+    client = check_client()
+    command = build_worker_command(client, ["check"], python="py", log_level="INFO")
+    assert command[command.index("-A") + 1] == "worker.celery_app"  # the app that knows the face check
+    assert command[command.index("-Q") + 1] == "check"
+    assert command[command.index("-n") + 1] == "check-0@%h"
+    assert client.env == {"CUDA_VISIBLE_DEVICES": "", "FACEFARM_DEVICE": "cpu"}  # never touches a GPU
