@@ -50,6 +50,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from dispatcher.planner import encoder_settings_for, plan_chunks  # noqa: E402
 from dispatcher.service import FarmContext, enqueue_renders  # noqa: E402
 from shared.celery_config import GPU_MAX_TASKS_PER_CHILD  # noqa: E402
+from shared.cpus import usable_cpus  # noqa: E402
 from shared.media import VideoInfo  # noqa: E402
 from shared.names import storage_chunk_key  # noqa: E402
 from shared.schemas import ChunkSpec, ChunkStatus, JobOptions, JobStatus  # noqa: E402
@@ -605,7 +606,11 @@ def measure(
     """Fresh workers for ``count`` GPUs (or CPU workers), warm-up, then the timed chunks."""
     row: dict[str, Any] = {"workers": count}
     if args.device == "cuda":
-        clients = build_client_envs(list(range(count)), 1, "off", settings, mps_daemon_running=False)
+        # as `facefarm worker` does: each GPU client gets its own block of this node's CPUs
+        cpus = usable_cpus() if args.cpu_shares else None
+        clients = build_client_envs(
+            list(range(count)), 1, "off", settings, mps_daemon_running=False, cpus=cpus
+        )
     else:
         clients = cpu_clients(count)
     row["clients"] = [{"node": c.node_name, "gpu": c.gpu, "env": c.env} for c in clients]
@@ -746,6 +751,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--encoder-threads", type=int, default=0, help="per worker; 0: CPU cores / the largest count")
     add("--batch-frames", type=int, default=8)
     add("--sr-compile", action="store_true", help="FACEFARM_SR_COMPILE=1 in the workers")
+    add(
+        "--cpu-shares",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="give each GPU worker its own block of CPUs, as `facefarm worker` does",
+    )
     add("--timeout-s", type=float, default=300.0, help="per warm-up round and per timed run")
     add("--smoke", action="store_true", help="CPU, 96 px clip, 4 chunks, counts 1,2 (checks the harness)")
     args = parser.parse_args(argv)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+from shared.cpus import usable_cpus
 from shared.errors import ConfigError
 from shared.names import CHECK_QUEUE, CPU_QUEUE
 from shared.settings import Settings
@@ -212,6 +213,7 @@ def run_workers(
             settings,
             mps_daemon_running=daemon_running,
             total_bytes_by_gpu={g.index: g.total_bytes for g in chosen},
+            cpus=usable_cpus(),
         )
     if unblock:  # clear this node's failure blocks and exit (the CLI's contract)
         host = socket.gethostname()

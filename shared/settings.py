@@ -92,6 +92,8 @@ class Settings(BaseSettings):
     mps_log_dir: Path = Path("/tmp/nvidia-mps-log")
     # this client's CUDA_MPS_PINNED_DEVICE_MEM_LIMIT (e.g. "0=4096M"); the launcher sets both
     mps_mem_limit: str | None = None
+    # this worker's CPUs (cpulist, e.g. 0-15): `facefarm worker` gives each GPU client its own block
+    cpu_affinity: str | None = None
     unified_memory: bool = False
     sr_compile: bool = False  # torch.compile the SR network on CUDA (first chunk pays the compile)
     encoder_threads: int = 2

@@ -18,9 +18,16 @@ import os
 import threading
 from typing import Any
 
-from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
+from celery.signals import (
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 from celery.utils.log import get_logger
 
+from shared.cpus import format_cpu_list, pin_to
 from shared.errors import FaceFarmError
 from shared.names import GPU_QUEUE
 from shared.settings import Settings, get_settings
@@ -28,6 +35,14 @@ from shared.state import JobStore
 from worker.celery_app import app, close_resources, open_resources
 
 log = get_logger("celery.worker.facefarm")
+
+
+@worker_init.connect
+def _pin_cpus(**_: Any) -> None:
+    """Pin the main process to its CPU share before the pool forks: children inherit it."""
+    cpus = pin_to(get_settings().cpu_affinity)
+    if cpus is not None:
+        log.info("pinned to CPUs %s (%d)", format_cpu_list(cpus), len(cpus))
 
 
 @worker_process_init.connect

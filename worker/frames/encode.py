@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,7 @@ from av.container import OutputContainer
 from av.video.reformatter import ColorRange
 from av.video.stream import VideoStream
 
+from shared.cpus import usable_cpu_count
 from shared.errors import ExternalToolError, InvalidVideoError
 from shared.schemas import EncoderSettings
 from worker.frames.colour import (
@@ -44,7 +44,7 @@ CONTAINERS = {".mp4": "mp4", ".mov": "mov"}
 
 
 _PARALLEL_CONVERT_MIN_PIXELS = 1280 * 720
-_CONVERT_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
+_CONVERT_THREADS = max(1, min(8, usable_cpu_count() // 2))
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 

@@ -6,13 +6,13 @@ lighting (LAB statistics) and placement follow the target.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from shared.cpus import usable_cpu_count
 from worker.models.align import (
     align_matrix,
     crop_size_for,
@@ -90,6 +90,6 @@ def _swap_pool() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            workers = max(1, min(8, (os.cpu_count() or 2) - 2))
+            workers = max(1, min(8, usable_cpu_count() - 2))
             _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="swap")
         return _pool

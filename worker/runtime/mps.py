@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from shared.cpus import format_cpu_list, split_cpus
 from shared.errors import ConfigError
 from worker.runtime.sizes import MIB, format_bytes, parse_bytes
 
@@ -89,8 +90,13 @@ def build_client_envs(
     *,
     mps_daemon_running: bool,
     total_bytes_by_gpu: Mapping[int, int] | None = None,
+    cpus: Sequence[int] | None = None,
 ) -> list[ClientEnv]:
     """One environment per GPU client (or a single CPU worker when ``gpus`` is empty).
+
+    ``cpus`` (the node's usable CPUs) is split into one contiguous block per GPU client, passed as
+    ``FACEFARM_CPU_AFFINITY``: clients on one node then size their thread pools to their share
+    instead of each assuming the whole machine.
 
     Each client is pinned with ``CUDA_VISIBLE_DEVICES`` and computes on ``cuda:0``. In ``managed``
     mode it gets ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` = 100/K and a hard
@@ -113,6 +119,7 @@ def build_client_envs(
     mode = resolve_mps_mode(mps_mode, per_gpu, mps_daemon_running=mps_daemon_running)
     totals = dict(total_bytes_by_gpu or {})
     clients = []
+    shares = split_cpus(cpus, len(gpus) * per_gpu) if cpus else None
     for gpu in gpus:
         limit = None
         if mode == "managed":
@@ -129,6 +136,8 @@ def build_client_envs(
                 env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(max(1, 100 // per_gpu))
                 env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = mps_limit
                 env["FACEFARM_MPS_MEM_LIMIT"] = mps_limit
+            if shares is not None:
+                env["FACEFARM_CPU_AFFINITY"] = format_cpu_list(shares[len(clients)])
             clients.append(
                 ClientEnv(
                     gpu=gpu,
