@@ -79,7 +79,13 @@ def run_reference_tiled(model: SrModel, x: Tensor, *, tile_px: int = REFERENCE_T
     """RealESRGANer's tiled mode: one tile per forward, ``REFERENCE_TILE_PAD_PX`` of context."""
     with torch.inference_mode():
         return run_tiled(
-            model.net, x, scale=model.scale, tile_px=tile_px, overlap_px=REFERENCE_TILE_PAD_PX, batch=1
+            model.net,
+            x,
+            scale=model.scale,
+            core_h=tile_px,
+            core_w=tile_px,
+            pad_px=REFERENCE_TILE_PAD_PX,
+            batch=1,
         )
 
 

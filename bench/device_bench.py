@@ -349,7 +349,7 @@ def part_sr(ctx: BenchContext) -> dict[str, Any]:
                 return lambda: model.run(x)
             tile_px, batch = tile
             return lambda: run_tiled(
-                model.run, x, scale=model.scale, tile_px=tile_px, overlap_px=16, batch=batch
+                model.run, x, scale=model.scale, core_h=tile_px, core_w=tile_px, pad_px=16, batch=batch
             )
 
         return build

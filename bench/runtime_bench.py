@@ -40,15 +40,15 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from worker.models.sr_nets import RRDBNet, SRVGGNetCompact  # noqa: E402
-from worker.models.tiling import run_tiled  # noqa: E402
+from worker.models.tiling import SR_PAD_PX, run_tiled  # noqa: E402
 from worker.runtime.budget import (  # noqa: E402
     MemoryBudget,
     TilePlan,
     activation_bytes,
     apply_budget_cap,
     calibrate_bytes_per_pixel,
-    plan_tiles,
-    tiled_frame_bytes,
+    plan_sr_tiles,
+    tile_plan,
     weights_bytes,
 )
 from worker.runtime.model_cache import ModelCache  # noqa: E402
@@ -56,7 +56,6 @@ from worker.runtime.oom import OomCounter, run_with_oom_retry  # noqa: E402
 from worker.runtime.sizes import GIB, MIB, parse_mps_limit  # noqa: E402
 
 X4PLUS_BYTES_PER_PIXEL_FP16 = 8_200  # the registry's declared figure, used before calibration
-SR_OVERLAP_PX = 32
 PAGING_STAND_INS = {  # name -> parameters (the registry's sizes; the user models are random stand-ins)
     "mtcnn": 496_000,
     "face-mesh": 605_000,
@@ -205,14 +204,29 @@ def part_sr_budget(store: Path | None, budget_bytes: int) -> dict[str, Any]:
                 device=device,
                 declared=X4PLUS_BYTES_PER_PIXEL_FP16,
             )
-            free = activation_bytes(budget, device) - tiled_frame_bytes(540, 960, scale=4)
-            plans = plan_tiles(bpp, 4, free, overlap_px=SR_OVERLAP_PX, batch=8)
+            free = activation_bytes(budget, device)
+            plans = plan_sr_tiles(
+                540,
+                960,
+                bytes_per_pixel=bpp,
+                scale=4,
+                value_bytes=2,
+                free_bytes=free,
+                pad_px=SR_PAD_PX,
+                max_batch=8,
+            )
             used: list[TilePlan] = []
 
             def step(plan: TilePlan) -> torch.Tensor:
                 used.append(plan)
                 return run_tiled(
-                    model_fn, x, scale=4, tile_px=plan.tile_px, overlap_px=plan.overlap_px, batch=plan.batch
+                    model_fn,
+                    x,
+                    scale=4,
+                    core_h=plan.core_h,
+                    core_w=plan.core_w,
+                    pad_px=plan.pad_px,
+                    batch=plan.batch,
                 )
 
             counter = OomCounter()
@@ -226,6 +240,7 @@ def part_sr_budget(store: Path | None, budget_bytes: int) -> dict[str, Any]:
                 "free_for_tiles_bytes": free,
                 "plans": [str(p) for p in plans],
                 "plan": str(chosen),
+                "computed_px_vs_frame": chosen.computed_px / (540 * 960),
                 "oom_recoveries": counter.recoveries,
                 "s_per_frame": t_budget,
                 "fps": 1 / t_budget,
@@ -242,7 +257,18 @@ def part_sr_budget(store: Path | None, budget_bytes: int) -> dict[str, Any]:
 
             # the safety net, live: a whole-frame plan first (it cannot fit the cap), then the planned tiles
             torch.cuda.empty_cache()
-            forced = [TilePlan(960, 0, 1, 0), *plans]
+            whole = tile_plan(
+                540,
+                960,
+                core_h=540,
+                core_w=960,
+                pad_px=SR_PAD_PX,
+                batch=1,
+                bytes_per_pixel=bpp,
+                scale=4,
+                value_bytes=2,
+            )
+            forced = [whole, *plans]
             live = OomCounter()
             used.clear()
             out = run_with_oom_retry(step, forced, counter=live, budget_bytes=budget_bytes)
@@ -274,7 +300,10 @@ def first_linear(model: nn.Sequential) -> nn.Linear:
     return layer
 
 
-def part_paging(budget_bytes: int, tokens: int, frames: int) -> dict[str, Any]:
+def part_paging(budget_bytes: int, tokens: int, frames: int, batch_frames: int) -> dict[str, Any]:
+    """Each stage runs over a whole decode batch (``batch_frames`` frames, ``tokens`` each) while its
+    weights are resident, as ``render_chunk`` does: weights page once per batch, not once per frame.
+    ``batch_frames=1`` is the per-frame schedule (every stage's weights move for every frame)."""
     device = torch.device("cuda", 0)
     names = list(PAGING_STAND_INS)
     models = {name: stand_in(n) for name, n in PAGING_STAND_INS.items()}
@@ -291,9 +320,13 @@ def part_paging(budget_bytes: int, tokens: int, frames: int) -> dict[str, Any]:
         "stand_ins_params": {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()},
         "weights_total_bytes": total_weights,
         "tokens_per_stage": tokens,
+        "batch_frames": batch_frames,
         "budget_bytes": budget_bytes,
         "activation_reserve_bytes": activation_reserve,
-        "floor": f"copying all weights once per frame at 53.7 GB/s = {total_weights / 53.7e9 * 1e3:.1f} ms",
+        "floor": (
+            f"copying all weights once per batch of {batch_frames} at 53.7 GB/s = "
+            f"{total_weights / 53.7e9 * 1e3 / batch_frames:.2f} ms a frame"
+        ),
     }
 
     def run(weights_budget: int, prefetch: bool, cap: int | None) -> dict[str, Any]:
@@ -306,7 +339,7 @@ def part_paging(budget_bytes: int, tokens: int, frames: int) -> dict[str, Any]:
         oom_retries = 0
         try:
 
-            def frame() -> None:
+            def one_batch() -> None:
                 nonlocal oom_retries
                 for i, name in enumerate(names):
                     for attempt in range(2):
@@ -314,7 +347,8 @@ def part_paging(budget_bytes: int, tokens: int, frames: int) -> dict[str, Any]:
                             with cache.acquire(name) as module:
                                 if prefetch:
                                     cache.prefetch(names[(i + 1) % len(names)])
-                                module(inputs[name])
+                                for _ in range(batch_frames):
+                                    module(inputs[name])
                             break
                         except torch.OutOfMemoryError:
                             if attempt:
@@ -326,13 +360,13 @@ def part_paging(budget_bytes: int, tokens: int, frames: int) -> dict[str, Any]:
 
             with torch.inference_mode():
                 for _ in range(2):
-                    frame()
+                    one_batch()
                 paged_before = cache.stats.bytes_paged_in
-                t = median_time_s(frame, runs=frames, warmup=0)
+                t = median_time_s(one_batch, runs=frames, warmup=0) / batch_frames
             return {
                 "s_per_frame": t,
                 "fps": 1 / t,
-                "bytes_paged_per_frame": (cache.stats.bytes_paged_in - paged_before) / frames,
+                "bytes_paged_per_frame": (cache.stats.bytes_paged_in - paged_before) / frames / batch_frames,
                 "prefetch_hits": cache.stats.prefetch_hits,
                 "evictions": cache.stats.evictions,
                 "oom_retries": oom_retries,
@@ -373,10 +407,22 @@ def mps_settings(root: Path, gpu_budget: str) -> Any:
         return SimpleNamespace(mps_mem_limit=None, **fields)
 
 
-def spawn_clients(clients: list[Any], work: str, root: Path, duration_s: float) -> list[dict[str, Any]]:
+def spawn_clients(
+    clients: list[Any],
+    work: str,
+    root: Path,
+    duration_s: float,
+    extra_args: list[list[str]] | None = None,
+    ready_timeout_s: float = 180.0,
+) -> list[dict[str, Any]]:
+    """Start one client process per entry, release them together once all are ready, collect results.
+
+    Each result carries ``started``/``finished`` (``time.time()``) so the caller can compute the
+    aggregate over the common wall-clock window.
+    """
     go = root / f"go-{work}-{len(clients)}"
     procs = []
-    for c in clients:
+    for n, c in enumerate(clients):
         tag = f"{work}-{len(clients)}-{c.slot}"
         cmd = [
             sys.executable,
@@ -391,9 +437,10 @@ def spawn_clients(clients: list[Any], work: str, root: Path, duration_s: float) 
             str(go),
             "--result",
             str(root / f"result-{tag}.json"),
+            *(extra_args[n] if extra_args else []),
         ]
         procs.append((tag, subprocess.Popen(cmd, env={**os.environ, **c.env})))
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline and not all((root / f"ready-{t}").exists() for t, _ in procs):
         if any(p.poll() is not None for _, p in procs):
             break
@@ -402,7 +449,7 @@ def spawn_clients(clients: list[Any], work: str, root: Path, duration_s: float) 
     out = []
     for tag, proc in procs:
         try:
-            proc.wait(timeout=duration_s + 120)
+            proc.wait(timeout=duration_s + ready_timeout_s + 120)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
@@ -451,6 +498,160 @@ def part_mps(duration_s: float) -> dict[str, Any]:
     return res
 
 
+RENDER_CHUNK_FRAMES = 60  # = the clip's GOP: every chunk starts on a keyframe
+
+
+def part_mps_render(
+    store: Path | None, images: Path | None, *, frames: int, upscale: int, cpu_threads: int
+) -> dict[str, Any]:
+    """1, 2 and 4 MPS clients with hard limits running ``render_chunk`` on pre-planned chunks.
+
+    One 1080p30 clip is split into ``RENDER_CHUNK_FRAMES``-frame chunks (the same plan for every
+    client count); client i renders chunks i, i+k, i+2k, ... Each client warms up (models, cuDNN)
+    before the common start; the aggregate is all frames over the wall time from the start to the
+    last client's end. Encoder threads are split evenly (``cpu_threads // k`` each).
+    """
+    from bench.make_clip import SOURCE_FACE, load_source_images, write_clip
+    from worker.runtime.mps import MpsDaemon, build_client_envs, is_mps_daemon_running
+
+    if store is None:
+        raise RuntimeError("--store is required for mps_render (the render path loads MTCNN and SR weights)")
+    root = Path(tempfile.mkdtemp(prefix="ff-mps-render-"))
+    srcs = load_source_images(images)
+    clip = write_clip(
+        root / "clip.mp4", srcs, width=1920, height=1080, frames=frames, gop_frames=RENDER_CHUNK_FRAMES
+    )
+    import cv2
+
+    face = root / "face.png"
+    cv2.imwrite(str(face), cv2.cvtColor(srcs[SOURCE_FACE], cv2.COLOR_RGB2BGR))
+    chunks = [
+        (a, min(a + RENDER_CHUNK_FRAMES, clip.frames)) for a in range(0, clip.frames, RENDER_CHUNK_FRAMES)
+    ]
+    settings = mps_settings(root, "auto")
+    total = nvml_total_bytes(0) or 80 * GIB
+    res: dict[str, Any] = {
+        "clip": f"{clip.width}x{clip.height} {float(clip.fps):.0f} fps, {clip.frames} frames",
+        "chunks": chunks,
+        "options": f"classic swapper, x{upscale} realesr-animevideov3, libx264 crf 18 veryfast",
+        "cpu_threads": cpu_threads,
+    }
+    daemon = MpsDaemon(settings, dict(os.environ))
+    daemon.start()
+    res["daemon_started_by_us"] = daemon.started_by_us
+    try:
+        for k in (1, 2, 4):
+            clients = build_client_envs(
+                [0], k, "managed", settings, mps_daemon_running=True, total_bytes_by_gpu={0: total}
+            )
+            plans = []
+            for slot in range(k):
+                plan = root / f"plan-{k}-{slot}.json"
+                plan.write_text(json.dumps({
+                    "clip": str(clip.path), "face": str(face), "store": str(store),
+                    "work": str(root / f"out-{k}-{slot}"), "chunks": chunks[slot::k], "upscale": upscale,
+                    "fps": [clip.fps.numerator, clip.fps.denominator],
+                    "time_base": [clip.time_base.numerator, clip.time_base.denominator],
+                    "first_pts": clip.first_pts, "width": clip.width, "height": clip.height,
+                    "threads": max(1, cpu_threads // k),
+                }))  # fmt: skip
+                plans.append(["--plan", str(plan)])
+            per_client = spawn_clients(clients, "render", root, 0.0, plans, ready_timeout_s=300.0)
+            starts = [c["started"] for c in per_client if "started" in c]
+            ends = [c["finished"] for c in per_client if "finished" in c]
+            done = sum(c.get("frames", 0) for c in per_client)
+            wall = (max(ends) - min(starts)) if starts and ends else float("nan")
+            res[f"clients_{k}"] = {
+                "env_example": {key: v for key, v in clients[0].env.items() if key.startswith("CUDA_")},
+                "per_client": per_client,
+                "frames": done,
+                "wall_s": wall,
+                "aggregate_fps": done / wall if wall == wall and wall > 0 else None,
+                "complete": done == clip.frames,
+            }
+        base = res["clients_1"]["aggregate_fps"] or float("nan")
+        for k in (2, 4):
+            fps = res[f"clients_{k}"]["aggregate_fps"]
+            res[f"aggregate_ratio_{k}_vs_1"] = fps / base if fps else None
+    finally:
+        daemon.stop()
+        res["daemon_stopped"] = not is_mps_daemon_running(settings.mps_pipe_dir)
+    return res
+
+
+def render_client(plan_path: Path, ready: Path, go: Path, result: Path) -> None:
+    """One MPS client: warm up on 16 frames, then render its pre-planned chunks with ``render_chunk``."""
+    from fractions import Fraction
+
+    out: dict[str, Any] = {
+        "pid": os.getpid(),
+        "limit_env": os.environ.get("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"),
+    }
+    try:
+        from shared.schemas import ChunkSpec, EncoderSettings, JobOptions
+        from shared.settings import Settings
+        from worker.pipeline import render_chunk
+
+        plan = json.loads(plan_path.read_text())
+        work = Path(plan["work"])
+        work.mkdir(parents=True, exist_ok=True)
+        fps, time_base = Fraction(*plan["fps"]), Fraction(*plan["time_base"])
+        ticks_per_frame = int(1 / (fps * time_base))
+        upscale = plan["upscale"]
+        device = plan.get("device", "cuda")
+        settings = Settings(device=device, model_store=plan["store"], model_cache_dir=work / "model-cache",
+                            batch_frames=8, encoder_threads=plan["threads"], gpu_budget="auto")  # fmt: skip
+        encoder = EncoderSettings(
+            codec="libx264", crf=18, preset="veryfast", width=plan["width"] * upscale, height=plan["height"] * upscale,
+            time_base_num=time_base.numerator, time_base_den=time_base.denominator,
+            fps_num=fps.numerator, fps_den=fps.denominator, threads=plan["threads"],
+        )  # fmt: skip
+        options = JobOptions.model_validate(
+            {"swapper": "classic", "upscale": upscale, "sr_model": "realesr-animevideov3", "crf": 18,
+             "preset": "veryfast"}
+        )  # fmt: skip
+
+        def render(start: int, end: int, name: str) -> Any:
+            spec = ChunkSpec(job_id="bench", index=start // RENDER_CHUNK_FRAMES, start_frame=start, end_frame=end,
+                             warmup_frames=0, seek_pts=plan["first_pts"] + start * ticks_per_frame, seek_frame=start,
+                             source_uri=plan["clip"], face_uri=plan["face"], output_uri=str(work / name),
+                             options=options, encoder=encoder)  # fmt: skip
+            return render_chunk(spec, source=plan["clip"], face_path=Path(plan["face"]), output_path=work / name,
+                                settings=settings, on_progress=lambda n: None, should_stop=lambda: False,
+                                log=lambda s: None)  # fmt: skip
+
+        render(0, 16, "warmup.mp4")
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        ready.touch()
+        while not go.exists():
+            time.sleep(0.01)
+        out["started"] = time.time()
+        frames, oom = 0, 0
+        for start, end in plan["chunks"]:
+            stats = render(start, end, f"chunk-{start:05d}.mp4")
+            frames += stats.frames
+        out["finished"] = time.time()
+        from worker.session import get_session
+
+        session_stats = get_session(settings).stats()
+        oom = session_stats.get("oom_recoveries", 0)
+        out.update(
+            frames=frames,
+            seconds=out["finished"] - out["started"],
+            fps=frames / (out["finished"] - out["started"]),
+            oom_recoveries=oom,
+            budget_bytes=session_stats.get("budget_bytes"),
+            max_memory_reserved=torch.cuda.max_memory_reserved() if device.startswith("cuda") else None,
+            chunks=plan["chunks"],
+        )
+    except Exception as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        out["traceback"] = traceback.format_exc()
+        ready.touch()
+    result.write_text(json.dumps(out, default=str))
+
+
 def mps_client(work: str, duration_s: float, ready: Path, go: Path, result: Path) -> None:
     """One MPS client process: a fixed SR workload, or the safety net under its hard limit."""
     out: dict[str, Any] = {
@@ -494,10 +695,22 @@ def mps_client(work: str, duration_s: float, ready: Path, go: Path, result: Path
             limit = parse_mps_limit(out["limit_env"] or "") or total
             budget = MemoryBudget(int(min(limit, free) * 0.9))
             budget.reserve("weights", weights_bytes(list(big.parameters())))
-            free_for_tiles = activation_bytes(budget, device) - tiled_frame_bytes(540, 960, scale=4)
-            plans = [TilePlan(960, 0, 1, 0)] + plan_tiles(
-                X4PLUS_BYTES_PER_PIXEL_FP16, 4, free_for_tiles, overlap_px=SR_OVERLAP_PX, batch=4
+            bpp = X4PLUS_BYTES_PER_PIXEL_FP16
+            whole = tile_plan(
+                540,
+                960,
+                core_h=540,
+                core_w=960,
+                pad_px=SR_PAD_PX,
+                batch=1,
+                bytes_per_pixel=bpp,
+                scale=4,
+                value_bytes=2,
             )
+            plans = [whole] + plan_sr_tiles(
+                540, 960, bytes_per_pixel=bpp, scale=4, value_bytes=2,
+                free_bytes=activation_bytes(budget, device), pad_px=SR_PAD_PX, max_batch=4,
+            )  # fmt: skip
             tried: list[str] = []
             counter = OomCounter()
 
@@ -507,8 +720,9 @@ def mps_client(work: str, duration_s: float, ready: Path, go: Path, result: Path
                     lambda t: big(t).clamp_(0, 1),
                     x,
                     scale=4,
-                    tile_px=plan.tile_px,
-                    overlap_px=plan.overlap_px,
+                    core_h=plan.core_h,
+                    core_w=plan.core_w,
+                    pad_px=plan.pad_px,
                     batch=plan.batch,
                 )
 
@@ -595,11 +809,20 @@ def main() -> int:
     parser.add_argument("--paging-tokens", type=int, default=8192)
     parser.add_argument("--paging-frames", type=int, default=10)
     parser.add_argument("--duration-s", type=float, default=12.0)
-    parser.add_argument("--mps-client", choices=["throughput", "overlimit"], default=None)
+    parser.add_argument("--mps-client", choices=["throughput", "overlimit", "render"], default=None)
+    parser.add_argument("--plan", type=Path, help="(render client) its pre-planned chunks, JSON")
+    parser.add_argument("--images", type=Path, default=None, help="folder of make_clip.export_source_images")
+    parser.add_argument("--render-frames", type=int, default=240)
+    parser.add_argument("--render-upscale", type=int, default=2)
+    parser.add_argument("--cpu-threads", type=int, default=os.cpu_count() or 16)
+    parser.add_argument("--paging-batch-frames", type=int, default=8)
     parser.add_argument("--ready", type=Path)
     parser.add_argument("--go", type=Path)
     parser.add_argument("--result", type=Path)
     args = parser.parse_args()
+    if args.mps_client == "render":
+        render_client(args.plan, args.ready, args.go, args.result)
+        return 0
     if args.mps_client:
         mps_client(args.mps_client, args.duration_s, args.ready, args.go, args.result)
         return 0
@@ -620,13 +843,27 @@ def main() -> int:
         "mps": lambda: part_mps(args.duration_s),
         "sr_budget": lambda: part_sr_budget(store, parse_bytes(args.sr_budget)),
         "paging": lambda: part_paging(
-            parse_bytes(args.paging_budget), args.paging_tokens, args.paging_frames
+            parse_bytes(args.paging_budget), args.paging_tokens, args.paging_frames, args.paging_batch_frames
+        ),
+        "paging_per_frame": lambda: part_paging(
+            parse_bytes(args.paging_budget), args.paging_tokens, args.paging_frames, 1
+        ),
+        "mps_render": lambda: part_mps_render(
+            store,
+            args.images,
+            frames=args.render_frames,
+            upscale=args.render_upscale,
+            cpu_threads=args.cpu_threads,
         ),
         "unified_memory": part_unified_memory,
     }
     for name in [p.strip() for p in args.parts.split(",") if p.strip()]:
         # this process touches CUDA only after the MPS part (its clients are separate processes)
-        if name != "mps" and "device" not in results["meta"] and torch.cuda.is_available():
+        if (
+            name not in ("mps", "mps_render")
+            and "device" not in results["meta"]
+            and torch.cuda.is_available()
+        ):
             results["meta"]["device"] = torch.cuda.get_device_name(0)
         run_part(results, out, name, parts[name])
     results["meta"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

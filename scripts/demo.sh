@@ -7,5 +7,5 @@ scripts/install.sh
 mkdir -p demo
 .venv/bin/python scripts/make_demo_inputs.py --out demo
 .venv/bin/facefarm render demo/input.mp4 --face demo/face.png -o demo/output.mp4 \
-  --swapper "${FACEFARM_DEMO_SWAPPER:-classic}" --chunk-frames 24 --preset veryfast
+  --swapper "${FACEFARM_DEMO_SWAPPER:-mesh}" --chunk-frames 24 --preset veryfast
 echo "demo: wrote demo/output.mp4"

@@ -16,7 +16,7 @@ SCHEMA_VERSION = 1
 
 SwapperName = Literal["mesh", "classic", "inswapper"]
 SrModelName = Literal["realesrgan-x4plus", "realesrgan-x4plus-anime", "realesr-animevideov3"]
-DEFAULT_SWAPPER: SwapperName = "classic"
+DEFAULT_SWAPPER: SwapperName = "mesh"
 
 
 class Wire(BaseModel):

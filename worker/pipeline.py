@@ -89,7 +89,8 @@ def render_chunk(
         encode_stage = _Stage(f"encode-{spec.index}", encode, errors)
         finish_stage = _Stage(f"finish-{spec.index}", lambda item: encode_stage.put(finish(item)), errors)
         try:
-            for batch in _prefetched(_decode(spec, source, settings), clock):
+            batch_frames = session.batch_frames(spec.options)
+            for batch in _prefetched(_decode(spec, source, batch_frames), clock):
                 if should_stop():
                     raise JobCancelledError(f"job {spec.job_id} was cancelled", job_id=spec.job_id)
                 if errors:
@@ -154,7 +155,7 @@ def create_face_engine(
     )
 
 
-def _decode(spec: ChunkSpec, source: str, settings: Settings) -> Iterator[FrameBatch]:
+def _decode(spec: ChunkSpec, source: str, batch_frames: int) -> Iterator[FrameBatch]:
     return decode_range(
         source,
         start_frame=spec.start_frame,
@@ -162,7 +163,7 @@ def _decode(spec: ChunkSpec, source: str, settings: Settings) -> Iterator[FrameB
         warmup_frames=spec.warmup_frames,
         seek_pts=spec.seek_pts,
         seek_frame=spec.seek_frame,
-        batch_frames=settings.batch_frames,
+        batch_frames=batch_frames,
     )
 
 

@@ -25,14 +25,16 @@ from worker.models.accelerate import SpeedOptions, accelerate_sr, configure_comp
 from worker.models.enhancer import FaceEnhancer, enhance_faces, load_face_enhancer
 from worker.models.registry import get_descriptor
 from worker.models.super_res import SrModel, estimate_cpu_seconds, load_sr_model, upscale_frames
+from worker.models.tiling import MIN_CORE_PX, SR_PAD_PX
 from worker.runtime.budget import (
     BytesPerPixelCache,
     MemoryBudget,
     TilePlan,
     activation_bytes,
-    plan_tiles,
+    plan_sr_tiles,
     resolve_budget,
-    tiled_frame_bytes,
+    stage_batch_frames,
+    tile_plan,
 )
 from worker.runtime.device import LazyDevice
 from worker.runtime.model_cache import ModelCache
@@ -41,10 +43,7 @@ from worker.runtime.telemetry import collect_runtime_stats
 
 log = logging.getLogger(__name__)
 
-SR_OVERLAP_PX = 16
 SR_MAX_BATCH = 8
-_CUDA_TILE_CANDIDATES_PX = (2048, 1536, 1024, 768, 512, 384, 256, 192, 128, 96, 64, 48)
-_CPU_TILE_CANDIDATES_PX = (512, 384, 256, 192, 128, 96, 64, 48)
 _CALIBRATION_TILE_PX = 128
 
 SrStep = Callable[[np.ndarray], np.ndarray]
@@ -66,7 +65,7 @@ class RenderSession:
         self._sr_stream: torch.cuda.Stream | None = None
         self._bytes_per_pixel = BytesPerPixelCache()
         self.oom = OomCounter()
-        self.tile_override_px: int | None = None  # tests and benchmarks pin the tile
+        self.tile_override_px: int | None = None  # tests and benchmarks pin a square core (standard pad)
 
     # ---- resources -----------------------------------------------------------------------------
     @property
@@ -161,21 +160,32 @@ class RenderSession:
         return self._fast_sr[key]
 
     def _run_sr(self, model: SrModel, frames: np.ndarray, upscale: int, plan: TilePlan) -> np.ndarray:
-        height, width = frames.shape[1:3]
-        whole = plan.tile_px >= max(height, width)
         return upscale_frames(
             model,
             frames,
             upscale=upscale,
-            tile_px=None if whole else plan.tile_px,
-            overlap_px=plan.overlap_px,
+            core_px=None if plan.tiles == 1 else (plan.core_h, plan.core_w),
+            pad_px=plan.pad_px,
             batch=plan.batch,
         )
 
     def _sr_plans(self, model: SrModel, height: int, width: int) -> list[TilePlan]:
-        if self.tile_override_px is not None:
-            return [TilePlan(self.tile_override_px, SR_OVERLAP_PX, 1, 0)]
         descriptor = get_descriptor(model.name)
+        value_bytes = torch.empty((), dtype=model.dtype).element_size()
+        if self.tile_override_px is not None:
+            core = self.tile_override_px
+            pinned = tile_plan(
+                height,
+                width,
+                core_h=core,
+                core_w=core,
+                pad_px=SR_PAD_PX,
+                batch=1,
+                bytes_per_pixel=float(descriptor.bytes_per_pixel),
+                scale=model.scale,
+                value_bytes=value_bytes,
+            )
+            return [pinned]
         bpp = self._bytes_per_pixel.get(
             (model.name, str(model.dtype)),
             lambda px: model.run(torch.rand(1, 3, px, px, device=model.device, dtype=model.dtype)),
@@ -183,11 +193,28 @@ class RenderSession:
             device=model.device,
             declared=float(descriptor.bytes_per_pixel),
         )
-        free = activation_bytes(self.budget, self.device) - tiled_frame_bytes(
-            height, width, scale=model.scale
+        return plan_sr_tiles(
+            height,
+            width,
+            bytes_per_pixel=bpp,
+            scale=model.scale,
+            value_bytes=value_bytes,
+            free_bytes=activation_bytes(self.budget, self.device),
+            pad_px=SR_PAD_PX,
+            max_batch=SR_MAX_BATCH,
+            min_core_px=MIN_CORE_PX,
         )
-        candidates = _CUDA_TILE_CANDIDATES_PX if self.device.type == "cuda" else _CPU_TILE_CANDIDATES_PX
-        return plan_tiles(bpp, model.scale, max(free, 0), candidates, SR_OVERLAP_PX, SR_MAX_BATCH)
+
+    def batch_frames(self, options: JobOptions) -> int:
+        """The decode batch for this job: larger when its paged weights cannot all stay resident."""
+        configured = self.settings.batch_frames
+        if self.device.type != "cuda":
+            return configured
+        names = [options.sr_model] if options.upscale > 1 else []
+        if options.face_enhancer != "none":
+            names.append("gfpgan")
+        weights = sum(get_descriptor(name).weights_bytes for name in names)
+        return stage_batch_frames(configured, weights, self.budget.budget_bytes)
 
     def describe_super_resolution(self, options: JobOptions, out_width: int, out_height: int) -> str:
         """A log line; on the CPU it warns how long the SR step will take."""

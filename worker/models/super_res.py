@@ -20,7 +20,7 @@ from shared.model_store import require_file
 from worker.models.loading import load_state_dict_file
 from worker.models.ncnn_convert import build_network, convert_ncnn
 from worker.models.sr_nets import RRDBNet, SRVGGNetCompact
-from worker.models.tiling import run_tiled
+from worker.models.tiling import SR_PAD_PX, run_tiled
 
 # Canonical SR model name -> ncnn file stem in the store.
 SHIPPED_SR_FILES = {
@@ -148,8 +148,22 @@ def load_user_sr_model(
     return _place(name or path.stem, net, scale, device, dtype)
 
 
-def _downscale(x: Tensor, factor: int) -> Tensor:
-    return x if factor == 1 else F.avg_pool2d(x, kernel_size=factor)
+UINT8_BAND_OUT_ROWS = 256  # output rows converted to uint8 at a time (budget.CONVERT_BAND_OUT_ROWS)
+
+
+def _to_uint8_nhwc(y: Tensor, down: int) -> Tensor:
+    """NCHW [0,1] in any dtype -> NHWC uint8, averaged down by ``down``; rounded in fp32 like the
+    whole-frame path, but one band of rows at a time, so a 4K output needs no fp32 copy."""
+    n, c, height, width = y.shape
+    out = torch.empty(n, height // down, width // down, c, dtype=torch.uint8, device=y.device)
+    band = max(down, UINT8_BAND_OUT_ROWS // down * down)
+    for top in range(0, height, band):
+        part = y[:, :, top : top + band].float()
+        if down > 1:
+            part = F.avg_pool2d(part, kernel_size=down)
+        row = top // down
+        out[:, row : row + part.shape[2]] = part.mul_(255.0).round_().clamp_(0, 255).permute(0, 2, 3, 1)
+    return out
 
 
 def upscale_frames(
@@ -157,14 +171,16 @@ def upscale_frames(
     frames: np.ndarray,
     *,
     upscale: int,
-    tile_px: int | None = None,
-    overlap_px: int = 16,
+    core_px: tuple[int, int] | None = None,
+    pad_px: int = SR_PAD_PX,
     batch: int = 1,
 ) -> np.ndarray:
     """Upscale (N,H,W,3) uint8 RGB frames by 1, 2 or 4; returns (N,H*u,W*u,3) uint8.
 
     ``upscale`` below the model's scale runs the model and averages down (x4 then 2x2 area for
-    2). ``tile_px`` None runs whole frames; ``batch`` counts frames, or tiles when tiling.
+    2). ``core_px`` None (or a core covering the frame) runs whole frames, ``batch`` at a time;
+    otherwise each frame is cut into padded-crop tiles of at most ``core_px`` (height, width) cores
+    with ``pad_px`` of context (see ``tiling``), ``batch`` windows at a time.
     """
     if frames.ndim != 4 or frames.shape[3] != 3 or frames.dtype != np.uint8:
         raise BadInputError(f"frames must be (N,H,W,3) uint8, got {frames.shape} {frames.dtype}")
@@ -176,26 +192,32 @@ def upscale_frames(
             "use 1, 2 or 4 with a x4 model"
         )
     down = model.scale // upscale
+    height, width = frames.shape[1:3]
+    whole = core_px is None or (core_px[0] >= height and core_px[1] >= width)
+    per_call = batch if whole else 1
     outputs = []
     with torch.inference_mode():
-        for start in range(0, len(frames), batch if tile_px is None else 1):
-            chunk = frames[start : start + (batch if tile_px is None else 1)]
-            x = torch.from_numpy(chunk).to(model.device).permute(0, 3, 1, 2)
+        for start in range(0, len(frames), per_call):
+            x = torch.from_numpy(frames[start : start + per_call]).to(model.device).permute(0, 3, 1, 2)
             x = x.to(model.dtype).div_(255.0)
-            if tile_px is None:
+            if whole:
                 y = model.run(x)
             else:
+                assert core_px is not None
                 y = run_tiled(
                     model.run,
                     x,
                     scale=model.scale,
-                    tile_px=tile_px,
-                    overlap_px=overlap_px,
+                    core_h=core_px[0],
+                    core_w=core_px[1],
+                    pad_px=pad_px,
                     batch=batch,
                 )
-            y = _downscale(y.float(), down)
-            y = y.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
-            outputs.append(y.permute(0, 2, 3, 1).cpu().numpy())
+            del x
+            out = _to_uint8_nhwc(y, down)
+            del y  # free the model-dtype output before the next frame's windows run
+            outputs.append(out.cpu().numpy())
+            del out
     return np.concatenate(outputs)
 
 

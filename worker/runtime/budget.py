@@ -21,10 +21,24 @@ from worker.runtime.sizes import format_bytes, parse_bytes, parse_mps_limit
 if TYPE_CHECKING:  # settings are only read, never built, here
     from shared.settings import Settings
 
-DEFAULT_TILE_CANDIDATES_PX = (512, 384, 256, 192, 128, 96, 64, 32)
-DEFAULT_SAFETY = 1.25  # cuDNN workspaces and allocator rounding vary with the tile size
-OUTPUT_BYTES_PER_VALUE = 4  # tiles' outputs are accumulated in fp32 for seam blending
+DEFAULT_SAFETY = 1.25  # cuDNN workspaces and allocator rounding vary with the window size
+DEFAULT_MIN_CORE_PX = 32  # smaller cores recompute more context than they produce
+CONVERT_BAND_OUT_ROWS = 256  # super_res converts its output to uint8 in bands of this many rows
 _BLOCK_BYTES = 512  # the caching allocator rounds every block up to this
+
+
+PAGING_BATCH_FRAMES = 16
+
+
+def stage_batch_frames(configured: int, weights_bytes: int, budget_bytes: int) -> int:
+    """Frames each stage runs while its weights are resident (the decode batch).
+
+    When the job's weights do not fit the budget together, every stage pages its weights in once
+    per batch; a batch of at least ``PAGING_BATCH_FRAMES`` spreads that copy over enough compute
+    (stand-ins of ~557 MB under 512 MiB on an H100: 0.61x of all-resident at 8 frames, 0.83x at 16).
+    Frames are host memory, so a larger batch costs RAM, not GPU memory.
+    """
+    return configured if weights_bytes <= budget_bytes else max(configured, PAGING_BATCH_FRAMES)
 
 
 class MemoryBudget:
@@ -129,18 +143,36 @@ class BatchPlan:
 
 @dataclass(frozen=True)
 class TilePlan:
-    """One way to run a super-resolution step: tile side, overlap, tiles per batch."""
+    """One way to run a super-resolution step on a frame: padded-crop tiles and windows per batch.
 
-    tile_px: int
-    overlap_px: int
+    Cores (``core_h x core_w`` at most) partition the frame; the network runs on windows
+    (``window_h x window_w``, the core plus ``pad_px`` of context each side, clipped to the frame),
+    ``batch`` at a time; ``tiles`` windows per frame. One tile is a whole frame, and then ``batch``
+    counts frames.
+    """
+
+    core_h: int
+    core_w: int
+    pad_px: int
     batch: int
+    tiles: int
+    window_h: int
+    window_w: int
     bytes_needed: int
 
+    @property
+    def computed_px(self) -> int:
+        """Input pixels the network computes per frame, context included."""
+        return self.tiles * self.window_h * self.window_w
+
     def __str__(self) -> str:
-        return (
-            f"tile {self.tile_px} px (overlap {self.overlap_px} px), batch {self.batch} "
-            f"(~{format_bytes(self.bytes_needed)})"
+        shape = (
+            "whole frame"
+            if self.tiles == 1
+            else f"cores {self.core_h}x{self.core_w} px ({self.tiles} windows of {self.window_h}x"
+            f"{self.window_w}, pad {self.pad_px} px)"
         )
+        return f"{shape}, batch {self.batch} (~{format_bytes(self.bytes_needed)})"
 
 
 def plan_batch(bytes_per_item: int, free_bytes: int, max_batch: int) -> int:
@@ -167,100 +199,157 @@ def plan_batches(bytes_per_item: int, free_bytes: int, max_batch: int) -> list[B
     return plans
 
 
-def tile_bytes(
-    tile_px: int,
+def axis_tiles(length: int, core_px: int, pad_px: int) -> tuple[int, int]:
+    """(tiles, window) along one axis: ``ceil(length / core_px)`` equal cores, and windows of the
+    largest core plus ``pad_px`` each side, clipped to ``length`` (``tiling.split_axis``'s rule)."""
+    count = math.ceil(length / core_px)
+    return count, min(math.ceil(length / count) + 2 * pad_px, length)
+
+
+def window_bytes(
+    window_h: int, window_w: int, *, bytes_per_pixel: float, scale: int, value_bytes: int, channels: int = 3
+) -> float:
+    """Peak bytes of one window: the network's activations (``bytes_per_pixel`` per input pixel, as
+    the model descriptors declare it), the stacked input window and its output window."""
+    area = window_h * window_w
+    return area * (bytes_per_pixel + channels * value_bytes * (1 + scale * scale))
+
+
+def tiled_frame_bytes(height: int, width: int, *, scale: int, value_bytes: int, channels: int = 3) -> int:
+    """What a tiled run holds per frame besides its windows: the uint8 frame and its model-dtype copy,
+    the output in the model's dtype, its uint8 copy, and the fp32 band the uint8 conversion uses."""
+    in_values = height * width * channels
+    out_values = in_values * scale * scale
+    band_values = min(height * scale, CONVERT_BAND_OUT_ROWS) * width * scale * channels
+    return in_values * (1 + value_bytes) + out_values * (value_bytes + 1) + band_values * 4 * 2
+
+
+def tile_plan(
+    height: int,
+    width: int,
     *,
-    bytes_per_pixel: float,
-    scale: int,
+    core_h: int,
+    core_w: int,
+    pad_px: int,
     batch: int,
-    safety: float = DEFAULT_SAFETY,
-) -> int:
-    """Estimated peak for one batch of ``tile_px`` square tiles (the overlap lies inside the tile).
-
-    ``bytes_per_pixel`` is per *input* pixel and covers the network's activations (including those
-    at output resolution), as the model descriptors declare it; the fp32 output tile kept for
-    blending is added from ``scale``.
-    """
-    per_tile = tile_px * tile_px * bytes_per_pixel + (tile_px * scale) ** 2 * 3 * OUTPUT_BYTES_PER_VALUE
-    return int(math.ceil(batch * per_tile * safety))
-
-
-def tiled_frame_bytes(height: int, width: int, *, scale: int, channels: int = 3) -> int:
-    """What a tiled run holds for the whole frame besides its tiles: the fp32 accumulator, blending
-    weights (one map per tile position, about one more frame), the normalised result and its cast,
-    and the input. Subtract it from the free bytes before planning tiles."""
-    out_px = height * scale * width * scale
-    per_out_px = channels * 4 + 4 + 4 + channels * 4 + channels * 2
-    return out_px * per_out_px + height * width * channels * 4
-
-
-def plan_tile_px(
     bytes_per_pixel: float,
     scale: int,
-    free_bytes: int,
-    candidates: Sequence[int] = DEFAULT_TILE_CANDIDATES_PX,
-    overlap_px: int = 0,
-    batch: int = 1,
-    *,
+    value_bytes: int,
     safety: float = DEFAULT_SAFETY,
-) -> int:
-    """The largest candidate tile whose batch fits in ``free_bytes``; FrameTooLargeError if none."""
-    return plan_tiles(bytes_per_pixel, scale, free_bytes, candidates, overlap_px, batch, safety=safety)[
-        0
-    ].tile_px
+) -> TilePlan:
+    """The plan for one tile shape and batch, with its estimated peak: the frame's buffers (per
+    frame in the batch when the tile is the whole frame) plus ``batch`` windows times ``safety``."""
+    rows, window_h = axis_tiles(height, core_h, pad_px)
+    cols, window_w = axis_tiles(width, core_w, pad_px)
+    frames = batch if rows * cols == 1 else 1
+    per_window = window_bytes(
+        window_h, window_w, bytes_per_pixel=bytes_per_pixel, scale=scale, value_bytes=value_bytes
+    )
+    needed = frames * tiled_frame_bytes(height, width, scale=scale, value_bytes=value_bytes) + math.ceil(
+        batch * per_window * safety
+    )
+    return TilePlan(
+        core_h=math.ceil(height / rows),
+        core_w=math.ceil(width / cols),
+        pad_px=pad_px,
+        batch=batch,
+        tiles=rows * cols,
+        window_h=window_h,
+        window_w=window_w,
+        bytes_needed=needed,
+    )
 
 
-def plan_tiles(
+def _core_sizes(length: int, min_core_px: int) -> list[int]:
+    """Every distinct core size along an axis whose cores are all at least ``min_core_px`` (or one
+    core spanning the axis), largest first."""
+    sizes = {length}
+    for count in range(2, length // max(1, min_core_px) + 1):
+        sizes.add(math.ceil(length / count))
+    return sorted(sizes, reverse=True)
+
+
+def plan_sr_tiles(
+    height: int,
+    width: int,
+    *,
     bytes_per_pixel: float,
     scale: int,
+    value_bytes: int,
     free_bytes: int,
-    candidates: Sequence[int] = DEFAULT_TILE_CANDIDATES_PX,
-    overlap_px: int = 0,
-    batch: int = 1,
-    *,
+    pad_px: int,
+    max_batch: int = 1,
+    min_core_px: int = DEFAULT_MIN_CORE_PX,
     safety: float = DEFAULT_SAFETY,
 ) -> list[TilePlan]:
-    """The tile plan and its smaller fallbacks, every one of which fits ``free_bytes``.
+    """The SR plan for a ``height x width`` frame and its fallbacks, every one within ``free_bytes``.
 
-    Tiles are ``tile_px`` square including ``overlap_px`` of shared context (``run_tiled``'s
-    convention), so candidates not larger than twice the overlap are skipped.
-    Order: the largest fitting tile at the largest fitting batch (≤ ``batch``), then the same tile
-    at half the batch down to 1, then each smaller candidate at batch 1.
+    The first plan is the tile shape that computes the fewest input pixels (cores plus context) of
+    those whose window fits at batch 1 (full-height or full-width strips where the short side fits),
+    at the largest batch that fits (at most ``max_batch``; for tiles, at most the tiles per frame,
+    split into equal groups). Then the same shape at halved batches down to 1, then ever smaller
+    windows (each at most half the previous area, the fewest pixels again) at batch 1, ending with
+    ``min_core_px`` cores. Raises FrameTooLargeError when even that does not fit.
     """
 
-    def cost(tile_px: int, n: int) -> int:
-        return tile_bytes(tile_px, bytes_per_pixel=bytes_per_pixel, scale=scale, batch=n, safety=safety)
-
-    ordered = sorted({c for c in candidates if c > 2 * overlap_px}, reverse=True)
-    if not ordered:
-        raise ValueError(f"no tile candidate is larger than twice the overlap ({overlap_px} px)")
-    plans: list[TilePlan] = []
-    for tile_px in ordered:
-        fitting = [n for n in _halvings(batch) if cost(tile_px, n) <= free_bytes]
-        if not fitting:
-            continue
-        if not plans:
-            plans.extend(TilePlan(tile_px, overlap_px, n, cost(tile_px, n)) for n in fitting)
-        else:
-            plans.append(TilePlan(tile_px, overlap_px, 1, cost(tile_px, 1)))
-    if not plans:
-        smallest = ordered[-1]
-        raise FrameTooLargeError(
-            f"one frame at the smallest tile ({smallest} px, overlap {overlap_px} px, x{scale}) needs "
-            f"~{format_bytes(cost(smallest, 1))} but only {format_bytes(free_bytes)} of the GPU budget is "
-            "free: raise FACEFARM_GPU_BUDGET, run fewer clients per GPU or lower --upscale",
-            bytes_needed=cost(smallest, 1),
-            free_bytes=free_bytes,
-            tile_px=smallest,
+    def plan(core_h: int, core_w: int, batch: int) -> TilePlan:
+        return tile_plan(
+            height,
+            width,
+            core_h=core_h,
+            core_w=core_w,
+            pad_px=pad_px,
+            batch=batch,
+            bytes_per_pixel=bytes_per_pixel,
+            scale=scale,
+            value_bytes=value_bytes,
+            safety=safety,
         )
+
+    shapes = [
+        plan(h, w, 1) for h in _core_sizes(height, min_core_px) for w in _core_sizes(width, min_core_px)
+    ]
+    smallest = min(shapes, key=lambda p: (p.window_h * p.window_w, p.computed_px))
+    if smallest.bytes_needed > free_bytes:
+        raise FrameTooLargeError(
+            f"one frame at the smallest tile ({smallest.core_h}x{smallest.core_w} px cores, pad {pad_px} px, "
+            f"x{scale}) needs ~{format_bytes(smallest.bytes_needed)} but only {format_bytes(free_bytes)} of "
+            "the GPU budget is free: raise FACEFARM_GPU_BUDGET, run fewer clients per GPU or lower --upscale",
+            bytes_needed=smallest.bytes_needed,
+            free_bytes=free_bytes,
+            tile_px=min(smallest.core_h, smallest.core_w),
+        )
+
+    def fewest_pixels(max_area: int) -> TilePlan | None:
+        fitting = [p for p in shapes if p.bytes_needed <= free_bytes and p.window_h * p.window_w <= max_area]
+        return min(fitting, key=lambda p: (p.computed_px, p.tiles), default=None)
+
+    best = fewest_pixels(height * width)
+    assert best is not None  # the smallest shape fits
+    plans = [
+        plan(best.core_h, best.core_w, n)
+        for n in _batches(best.tiles, max_batch)
+        if plan(best.core_h, best.core_w, n).bytes_needed <= free_bytes
+    ]
+    area = best.window_h * best.window_w
+    while (smaller := fewest_pixels(area // 2)) is not None:
+        plans.append(smaller)
+        area = smaller.window_h * smaller.window_w
+    if area > smallest.window_h * smallest.window_w:
+        plans.append(smallest)
     return plans
 
 
-def _halvings(batch: int) -> list[int]:
-    out = []
-    n = max(1, batch)
+def _batches(tiles: int, max_batch: int) -> list[int]:
+    """Batch sizes to try, largest first, halving down to 1; for several tiles per frame each is
+    evened out so the frame's windows split into equal groups (one batch shape per frame)."""
+    cap = max(1, max_batch) if tiles == 1 else max(1, min(max_batch, tiles))
+    out: list[int] = []
+    n = cap
     while n >= 1:
-        out.append(n)
+        even = n if tiles == 1 else math.ceil(tiles / math.ceil(tiles / n))
+        if even not in out:
+            out.append(even)
         n //= 2
     return out
 

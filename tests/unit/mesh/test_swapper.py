@@ -65,9 +65,9 @@ def test_pixels_outside_the_mask_are_untouched_and_the_face_changes(swap_clip, s
 
 
 def test_mouth_opening_follows_the_target(landmarker, swap_clip, swapped):
-    """Re-detected mouth opening of the output matches the target's: within 5% of the eye distance on
-    most frames; the net reads a few composite faces (t1-4's rotation sweep) up to 6.5% off. The classic
-    5-point path, which keeps the source's mouth, is off by 10-27% on the same clip."""
+    """Re-detected mouth opening of the output matches the target's within 5% of the eye distance on
+    every face, the rotation sweep included. The classic 5-point path, which keeps the source's mouth,
+    is off by 10-27% on the same clip."""
     frames, labels, faces = swap_clip
     errors = {}
     for frame, out, frame_faces, label in zip(frames, swapped, faces, labels, strict=True):
@@ -78,9 +78,8 @@ def test_mouth_opening_follows_the_target(landmarker, swap_clip, swapped):
         assert presence > 0.5, label
         errors[label] = abs(mouth_opening(result) - mouth_opening(target))
     report = str({k: round(v, 3) for k, v in errors.items()})
-    assert float(np.median(list(errors.values()))) <= 0.025, report
-    assert float(np.mean([e <= 0.05 for e in errors.values()])) >= 0.75, report
-    assert max(errors.values()) <= 0.065, report
+    assert len(errors) >= 14, report
+    assert max(errors.values()) <= 0.05, report
     openings = [
         mouth_opening(_mesh(landmarker, f, fs[0])[0]) for f, fs in zip(frames, faces, strict=True) if fs
     ]
@@ -134,9 +133,8 @@ def test_identity_comes_from_the_source(landmarker, swapper, source_tom, swap_cl
         to_source = float(np.sqrt(((result - reference) ** 2).mean()))
         to_target = float(np.sqrt(((result - target) ** 2).mean()))
         wins.append((label, round(to_source, 3), round(to_target, 3)))
-    assert len(checked) >= 4, checked
-    # all but at most one near-frontal face (t1-5, small and female, vs a low-res male source) are closer
-    assert sum(s < t for _, s, t in wins) >= len(wins) - 1, wins
+    assert len(checked) >= 5, checked
+    assert all(s < t for _, s, t in wins), wins
 
 
 def _turned_away(points: np.ndarray, triangles: np.ndarray) -> bool:
@@ -154,3 +152,20 @@ def test_small_faces_fall_back_to_the_classic_path(mesh_store, source_tom, detec
     assert out.mask.max() > 0.5
     untouched = out.mask == 0
     assert np.array_equal(out.frame[untouched], frames[i][untouched])
+
+
+def test_a_batch_gives_the_same_frames_as_one_frame_at_a_time(mesh_store, source_tom, swap_clip):
+    """The landmark net sees the whole decode batch at once; tracking state carries across calls, so
+    one call over N frames equals N calls of one frame (up to the net's batching round-off)."""
+    image, face = source_tom
+    frames, labels, faces = swap_clip
+    pick = [labels.index(n) for n in ("t1-4", "t1-4-rot-20", "no-face-flat", "astronaut")]
+    clip, clip_faces = frames[pick], [faces[i] for i in pick]
+    together = MeshSwapper(image, face, mesh_store, "cpu").swap_batch(clip, clip_faces)
+    one_by_one = MeshSwapper(image, face, mesh_store, "cpu")
+    alone = [one_by_one.swap_batch(clip[i : i + 1], clip_faces[i : i + 1])[0] for i in range(len(clip))]
+    for a, b, label in zip(together, alone, [labels[i] for i in pick], strict=True):
+        assert a.paths == b.paths, label
+        diff = np.abs(a.frame.astype(int) - b.frame.astype(int))
+        assert diff.mean() < 0.05 and diff.max() <= 8, (label, diff.mean(), diff.max())
+        assert np.abs(a.mask - b.mask).max() < 0.05, label

@@ -1,4 +1,5 @@
-"""The budget and the planners: sizes, budget resolution, batch and tile plans that always fit."""
+"""The budget and the planners: sizes, budget resolution, batch plans that always fit (tile plans:
+``test_tile_plan.py``)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,7 @@ from worker.runtime.budget import (
     calibrate_bytes_per_pixel,
     plan_batch,
     plan_batches,
-    plan_tile_px,
-    plan_tiles,
     resolve_budget,
-    tile_bytes,
-    tiled_frame_bytes,
 )
 from worker.runtime.sizes import GIB, MIB, parse_bytes, parse_mps_limit
 
@@ -96,55 +93,6 @@ def test_batch_fallbacks_halve_down_to_one_and_refuse_when_one_does_not_fit() ->
         plan_batches(100, 99, 4)
 
 
-@given(
-    bytes_per_pixel=st.floats(10, 20_000),
-    scale=st.sampled_from([1, 2, 4]),
-    free_bytes=st.integers(1, 64 * GIB),
-    overlap_px=st.integers(0, 15),
-    batch=st.integers(1, 16),
-)
-def test_every_tile_plan_fits_the_budget(
-    bytes_per_pixel: float, scale: int, free_bytes: int, overlap_px: int, batch: int
-) -> None:
-    try:
-        plans = plan_tiles(bytes_per_pixel, scale, free_bytes, overlap_px=overlap_px, batch=batch)
-    except FrameTooLargeError:
-        assert tile_bytes(32, bytes_per_pixel=bytes_per_pixel, scale=scale, batch=1) > free_bytes
-        return
-    for plan in plans:
-        assert plan.bytes_needed <= free_bytes
-        assert plan.bytes_needed == tile_bytes(
-            plan.tile_px, bytes_per_pixel=bytes_per_pixel, scale=scale, batch=plan.batch
-        )
-    # the first plan is the biggest that fits; the fallbacks only get smaller
-    sizes = [(p.tile_px, p.batch) for p in plans]
-    assert sizes == sorted(sizes, reverse=True)
-    bigger = [c for c in (512, 384, 256, 192, 128, 96, 64, 32) if c > plans[0].tile_px]
-    for tile in bigger:
-        assert tile_bytes(tile, bytes_per_pixel=bytes_per_pixel, scale=scale, batch=1) > free_bytes
-
-
-def test_tile_plan_picks_the_largest_candidate_that_fits() -> None:
-    free = tile_bytes(256, bytes_per_pixel=8200, scale=4, batch=1)
-    assert plan_tile_px(8200, 4, free) == 256
-    assert plan_tile_px(8200, 4, free - 1) == 192
-    plans = plan_tiles(8200, 4, 2 * free, batch=4, overlap_px=16)
-    assert [(p.tile_px, p.batch) for p in plans] == [(256, 2), (256, 1), (192, 1), (128, 1), (96, 1), (64, 1)]
-
-
-def test_a_frame_too_large_names_the_numbers() -> None:
-    with pytest.raises(FrameTooLargeError) as info:
-        plan_tiles(8200, 4, 1 * MIB, overlap_px=8)
-    message = str(info.value)
-    assert "32 px" in message and "1.0 MiB" in message and "FACEFARM_GPU_BUDGET" in message
-
-
-def test_whole_frame_overheads_grow_with_the_output() -> None:
-    small = tiled_frame_bytes(540, 960, scale=4)
-    assert small > 3840 * 2160 * 3 * 4  # at least the fp32 accumulator of a 4K output
-    assert tiled_frame_bytes(1080, 1920, scale=4) == pytest.approx(4 * small, rel=0.01)
-
-
 def test_calibration_on_cpu_uses_the_declared_value_once_per_model() -> None:
     calls: list[int] = []
 
@@ -158,3 +106,11 @@ def test_calibration_on_cpu_uses_the_declared_value_once_per_model() -> None:
     assert cache.get(("x4", "fp16"), run, 64, device=CPU, declared=1000) == 1000.0
     assert cache.get(("x4", "fp16"), run, 64, device=CPU, declared=5) == 1000.0
     assert cache.known() == {("x4", "fp16"): 1000.0}
+
+
+def test_stages_run_bigger_batches_only_when_their_weights_must_page() -> None:
+    from worker.runtime.budget import PAGING_BATCH_FRAMES, stage_batch_frames
+
+    assert stage_batch_frames(8, weights_bytes=100, budget_bytes=1000) == 8  # all resident: as configured
+    assert stage_batch_frames(8, weights_bytes=2000, budget_bytes=1000) == PAGING_BATCH_FRAMES == 16
+    assert stage_batch_frames(32, weights_bytes=2000, budget_bytes=1000) == 32  # never smaller

@@ -9,7 +9,13 @@ from shared.errors import FrameTooLargeError, GpuOutOfMemoryError
 from worker.runtime.budget import TilePlan
 from worker.runtime.oom import OomCounter, OomInjector, SimulatedOomError, run_with_oom_retry
 
-PLANS = [TilePlan(256, 16, 2, 900), TilePlan(256, 16, 1, 450), TilePlan(128, 16, 1, 120)]
+
+def tile_plan(core_px: int, batch: int, nbytes: int) -> TilePlan:
+    window = core_px + 32
+    return TilePlan(core_px, core_px, 16, batch, 4, window, window, nbytes)
+
+
+PLANS = [tile_plan(256, 2, 900), tile_plan(256, 1, 450), tile_plan(128, 1, 120)]
 
 
 def test_the_injector_raises_a_cuda_oom_on_the_chosen_calls() -> None:
@@ -33,7 +39,7 @@ def test_an_oom_retries_with_the_next_smaller_plan_and_is_counted() -> None:
     def step(plan: TilePlan) -> str:
         tried.append(plan)
         injector.check()
-        return f"ran at {plan.tile_px}/{plan.batch}"
+        return f"ran at {plan.core_h}/{plan.batch}"
 
     result = run_with_oom_retry(
         step, PLANS, counter=counter, on_retry=lambda a, b, msg: retries.append((a.batch, b.batch, msg))
@@ -51,15 +57,15 @@ def test_our_translated_oom_is_caught_too() -> None:
         calls.append(plan)
         if len(calls) == 1:
             raise GpuOutOfMemoryError("model 'x' needs 1 GiB")
-        return plan.tile_px
+        return plan.core_h
 
     assert run_with_oom_retry(step, PLANS) == 256
 
 
 def test_the_smallest_plan_gets_one_more_try_after_freeing_the_cache() -> None:
     injector = OomInjector(fail_on_calls=1)
-    only = [TilePlan(32, 8, 1, 10)]
-    assert run_with_oom_retry(lambda plan: injector.check() or plan.tile_px, only) == 32
+    only = [tile_plan(32, 1, 10)]
+    assert run_with_oom_retry(lambda plan: injector.check() or plan.core_h, only) == 32
     assert injector.calls == 2
 
 
@@ -69,7 +75,7 @@ def test_when_the_smallest_plan_fails_the_frame_is_too_large_and_the_message_has
     with pytest.raises(FrameTooLargeError) as info:
         run_with_oom_retry(lambda plan: injector.check(), PLANS, counter=counter, budget_bytes=2 * 1024**3)
     message = str(info.value)
-    assert "tile 128 px" in message and "2.00 GiB" in message and "FACEFARM_GPU_BUDGET" in message
+    assert "cores 128x128 px" in message and "2.00 GiB" in message and "FACEFARM_GPU_BUDGET" in message
     assert injector.calls == len(PLANS) + 1
     assert (counter.recoveries, counter.failures) == (3, 1)
     assert isinstance(info.value.__cause__, GpuOutOfMemoryError)

@@ -1,59 +1,68 @@
 """The runtime wired to the real pipeline pieces: real x4plus weights, the model cache, the tile
-planner, the models helper's tiled executor and the OOM safety net, on a 96x96 face crop (CPU).
+planner, the padded-crop executor (through ``upscale_frames``) and the OOM safety net, on a 96x96
+crop of a real face photo (CPU).
 
-Measured with these crops: 64-px tiles (24 px overlap) reach ~50 dB against the untiled run, 32-px
-tiles only ~37-38 dB whatever the overlap (x4plus needs more context than a 32-px tile holds).
+Measured on this crop (x4plus fp32, 32-px cores, PSNR against the untiled run): pad 8 px 40.8 dB,
+12 px 43.9 dB, 16 px 47.1 dB, 24 px 53.8 dB; ``SR_PAD_PX`` is the smallest pad with a margin over
+45 dB.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from shared.schemas import JobOptions
+from shared.settings import Settings
 from worker.models.registry import get_descriptor
-from worker.models.super_res import load_sr_model
-from worker.models.tiling import run_tiled
+from worker.models.super_res import SrModel, load_sr_model, upscale_frames
+from worker.models.tiling import SR_PAD_PX
 from worker.runtime.budget import (
     MemoryBudget,
     TilePlan,
     activation_bytes,
     calibrate_bytes_per_pixel,
-    plan_tiles,
-    tile_bytes,
-    tiled_frame_bytes,
+    plan_sr_tiles,
+    tile_plan,
     weights_bytes,
 )
 from worker.runtime.model_cache import ModelCache
 from worker.runtime.oom import OomCounter, OomInjector, run_with_oom_retry
+from worker.session import RenderSession
 
 CPU = torch.device("cpu")
 NAME = "realesrgan-x4plus"
 CROP = 96
+FP32_BYTES = 4
+
+
+def face_photo() -> np.ndarray:
+    """insightface's bundled 112x112 aligned face (RGB)."""
+    import insightface
+
+    path = Path(insightface.__file__).parent / "data" / "images" / "Tom_Hanks_54745.png"
+    image = cv2.imread(str(path))
+    assert image is not None, path
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 @pytest.fixture(scope="module")
-def x4plus(model_store: Path) -> nn.Module:
-    return load_sr_model(NAME, model_store, device=CPU, dtype=torch.float32).net
+def x4plus(model_store: Path) -> SrModel:
+    return load_sr_model(NAME, model_store, device=CPU, dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
-def crop(astronaut_rgb: np.ndarray) -> torch.Tensor:
-    image = astronaut_rgb[90 : 90 + CROP, 180 : 180 + CROP].copy()
-    return torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+def crop() -> np.ndarray:
+    return np.ascontiguousarray(face_photo()[8 : 8 + CROP, 8 : 8 + CROP])[None]
 
 
-@pytest.fixture(scope="module")
-def untiled(x4plus: nn.Module, crop: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        return x4plus(crop).clamp(0, 1)
-
-
-def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = torch.mean((a.float() - b.float()) ** 2).item()
+def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2) / 255.0**2
     return 10 * float(np.log10(1.0 / mse))
 
 
@@ -63,53 +72,105 @@ def cpu_bytes_per_pixel() -> float:
     return calibrate_bytes_per_pixel(lambda px: None, 64, device=CPU, declared=2 * declared_fp16)
 
 
-def run_under_budget(
-    x4plus: nn.Module, crop: torch.Tensor, *, tile_px: int, overlap_px: int
-) -> tuple[torch.Tensor, list[TilePlan], list[TilePlan], OomCounter, OomInjector]:
-    """Budget = the weights + the frame's buffers + exactly two ``tile_px`` tiles; OOM on the 1st tile."""
+class OomAtCalls(nn.Module):
+    """The real net behind an ``OomInjector``: a simulated CUDA OOM on the chosen forward calls."""
+
+    def __init__(self, net: nn.Module, injector: OomInjector) -> None:
+        super().__init__()
+        self.net = net
+        self.injector = injector
+        self.window_shapes: list[tuple[int, ...]] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.injector.check()
+        self.window_shapes.append(tuple(x.shape))
+        return self.net(x)
+
+
+def test_a_budget_forcing_32px_cores_survives_an_oom_at_the_first_tile_at_45_db(
+    x4plus: SrModel, crop: np.ndarray
+) -> None:
     bpp = cpu_bytes_per_pixel()
-    weights = weights_bytes([*x4plus.parameters(), *x4plus.buffers()])
-    frame = tiled_frame_bytes(CROP, CROP, scale=4)
-    budget = MemoryBudget(weights + frame + tile_bytes(tile_px, bytes_per_pixel=bpp, scale=4, batch=2))
-    cache = ModelCache(budget, CPU, lambda name: x4plus)
+    smallest = tile_plan(
+        CROP,
+        CROP,
+        core_h=32,
+        core_w=32,
+        pad_px=SR_PAD_PX,
+        batch=1,
+        bytes_per_pixel=bpp,
+        scale=4,
+        value_bytes=FP32_BYTES,
+    )
+    weights = weights_bytes([*x4plus.net.parameters(), *x4plus.net.buffers()])
+    budget = MemoryBudget(weights + smallest.bytes_needed)  # room for one 32-px core's window, no more
+    cache = ModelCache(budget, CPU, lambda name: x4plus.net)
     injector = OomInjector(fail_on_calls=1)
     counter = OomCounter()
     tried: list[TilePlan] = []
-    with cache.acquire(NAME) as net, torch.inference_mode():
+    with cache.acquire(NAME) as net:
         assert budget.reserved_bytes == weights
-        free = activation_bytes(budget, CPU) - frame
-        plans = plan_tiles(bpp, 4, free, overlap_px=overlap_px, batch=4)
-        tile_fn = injector.wrap(lambda t: net(t).clamp(0, 1))
+        free = activation_bytes(budget, CPU)
+        plans = plan_sr_tiles(
+            CROP,
+            CROP,
+            bytes_per_pixel=bpp,
+            scale=4,
+            value_bytes=FP32_BYTES,
+            free_bytes=free,
+            pad_px=SR_PAD_PX,
+            max_batch=4,
+        )
+        injected = OomAtCalls(net, injector)
+        model = SrModel(name=NAME, net=injected, scale=4, device=CPU, dtype=torch.float32)
 
-        def step(plan: TilePlan) -> torch.Tensor:
+        def step(plan: TilePlan) -> np.ndarray:
             tried.append(plan)
-            return run_tiled(
-                tile_fn, crop, scale=4, tile_px=plan.tile_px, overlap_px=plan.overlap_px, batch=plan.batch
+            return upscale_frames(
+                model,
+                crop,
+                upscale=4,
+                core_px=(plan.core_h, plan.core_w),
+                pad_px=plan.pad_px,
+                batch=plan.batch,
             )
 
         out = run_with_oom_retry(step, plans, counter=counter, budget_bytes=budget.budget_bytes)
-    for plan in plans:
-        assert plan.bytes_needed <= free  # nothing planned beyond the budget
-    return out, plans, tried, counter, injector
-
-
-def test_a_budget_forcing_32px_tiles_recovers_from_an_oom_at_the_first_tile(
-    x4plus: nn.Module, crop: torch.Tensor, untiled: torch.Tensor
-) -> None:
-    out, plans, tried, counter, injector = run_under_budget(x4plus, crop, tile_px=32, overlap_px=8)
-    assert [(p.tile_px, p.batch) for p in plans] == [(32, 2), (32, 1)]
-    assert [(p.tile_px, p.batch) for p in tried] == [(32, 2), (32, 1)]
-    assert counter.recoveries == 1 and injector.raised == 1
-    assert out.shape == untiled.shape
-    assert psnr_db(out, untiled) >= 35.0  # the limit of 32-px tiles for x4plus (see the module doc)
-
-
-def test_a_budget_forcing_64px_tiles_recovers_and_matches_the_untiled_run_at_45_db(
-    x4plus: nn.Module, crop: torch.Tensor, untiled: torch.Tensor
-) -> None:
-    out, plans, tried, counter, _ = run_under_budget(x4plus, crop, tile_px=64, overlap_px=24)
-    # 32-px tiles cannot hold 2 x 24 px of overlap, so they are no fallback here
-    assert [(p.tile_px, p.batch) for p in plans] == [(64, 2), (64, 1)]
-    assert [(p.tile_px, p.batch) for p in tried] == [(64, 2), (64, 1)]
-    assert counter.recoveries == 1
+    assert plans == [smallest] and all(p.bytes_needed <= free for p in plans)
+    assert (smallest.core_h, smallest.core_w, smallest.tiles, smallest.window_h) == (
+        32,
+        32,
+        9,
+        32 + 2 * SR_PAD_PX,
+    )
+    assert tried == [smallest, smallest]  # the OOM flushed the cache and the smallest plan ran again
+    assert (counter.recoveries, counter.failures, injector.raised) == (1, 0, 1)
+    assert injected.window_shapes == [(1, 3, 64, 64)] * 9
+    untiled = upscale_frames(x4plus, crop, upscale=4)
+    assert out.shape == untiled.shape == (1, 4 * CROP, 4 * CROP, 3)
     assert psnr_db(out, untiled) >= 45.0
+
+
+def test_a_pinned_core_runs_padded_tiles_through_the_session(
+    model_store: Path, crop: np.ndarray, tmp_path: Path
+) -> None:
+    settings = Settings(
+        device="cpu", model_store=str(model_store), gpu_budget="1GiB", model_cache_dir=tmp_path
+    )
+    session = RenderSession(settings)
+    options = JobOptions(upscale=4, sr_model="realesr-animevideov3")
+    frames = np.concatenate([crop, crop[:, ::-1]])
+    whole = session.super_resolver(options)(frames)
+    session.tile_override_px = 40
+    tiled = session.super_resolver(options)(frames)
+    assert tiled.shape == whole.shape == (2, 4 * CROP, 4 * CROP, 3)
+    assert not np.array_equal(tiled, whole)  # the pin took effect: 9 windows, not the whole frame
+    assert psnr_db(tiled, whole) >= 45.0
+
+
+def test_the_session_keeps_the_configured_batch_on_the_cpu(model_store: Path, tmp_path: Path) -> None:
+    from shared.schemas import JobOptions
+
+    settings = Settings(device="cpu", model_store=str(model_store), batch_frames=5, model_cache_dir=tmp_path)
+    options = JobOptions.model_validate({"upscale": 2, "face_enhancer": "gfpgan"})
+    assert RenderSession(settings).batch_frames(options) == 5

@@ -16,12 +16,12 @@ import cv2
 import numpy as np
 import torch
 
-from worker.models.align import MASK_EPS, transfer_colour_lab
+from worker.models.align import MASK_EPS
 from worker.models.faces import Face, SwapOutput
 from worker.models.mesh.landmarker import FaceMeshLandmarker, roi_from_face
 from worker.models.mesh.tracking import FaceTracker
 from worker.models.mesh.triangles import MeshTopology, load_topology, signed_areas
-from worker.models.mesh.warp import warp_mesh
+from worker.models.mesh.warp import rasterise_mesh, warp_through
 
 # Eye-corner pairs (image-left eye 33/133, image-right eye 362/263) whose centres define the face scale.
 _EYE_LEFT_IMG = (33, 133)
@@ -62,6 +62,39 @@ def polygon_mask(polygon_xy: np.ndarray, origin_xy: tuple[int, int], shape_hw: t
     return canvas.astype(np.float32) / 255.0
 
 
+def _masked_blur(values: np.ndarray, weight: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Gaussian blur of ``values`` (H,W,C) that only averages pixels where ``weight`` is set."""
+    w = cv2.GaussianBlur(weight, (0, 0), sigmaX=sigma_px, borderType=cv2.BORDER_REPLICATE)
+    v = cv2.GaussianBlur(values * weight[..., None], (0, 0), sigmaX=sigma_px, borderType=cv2.BORDER_REPLICATE)
+    return v.reshape(values.shape) / np.maximum(w, 1e-4)[..., None]
+
+
+def match_colour(warped: np.ndarray, target: np.ndarray, region: np.ndarray, sigma_px: float) -> np.ndarray:
+    """The warped source in the target's colours: luminance matched globally, skin tone matched locally.
+
+    Luminance (the source's identity, its shading included) keeps its own detail with the target's mean
+    and contrast. Chroma takes the target's low-frequency skin
+    tone and only the source's fine chroma detail, so a grey or differently lit source photo still
+    carries the target's complexion and the seam at the hull edge disappears.
+    """
+    weights = region > 0.5
+    if int(weights.sum()) < 16:
+        return warped
+    src = cv2.cvtColor(warped.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+    tgt = cv2.cvtColor(target.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+    w = weights.astype(np.float32)
+    src_l, tgt_l = src[..., 0][weights], tgt[..., 0][weights]
+    ratio = float(np.clip(tgt_l.std() / max(float(src_l.std()), 1e-3), 0.5, 2.0))
+    out = np.empty_like(src)
+    out[..., 0] = (src[..., 0] - src_l.mean()) * ratio + tgt_l.mean()
+    src_low = _masked_blur(src, w, sigma_px)
+    tgt_low = _masked_blur(tgt, w, sigma_px)
+    out[..., 1:] = tgt_low[..., 1:] + (src[..., 1:] - src_low[..., 1:])
+    out[..., 0] = np.clip(out[..., 0], 0.0, 100.0)
+    rgb = cv2.cvtColor(out, cv2.COLOR_LAB2RGB)
+    return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
 def feather_inside(mask: np.ndarray, sigma_px: float) -> np.ndarray:
     """A soft mask that is 0 on and outside the polygon edge and ramps to 1 about 2 sigma inside."""
     blurred = cv2.GaussianBlur(mask, (0, 0), sigmaX=max(sigma_px, 0.5), borderType=cv2.BORDER_CONSTANT)
@@ -85,9 +118,11 @@ class MeshSwapper:
         min_face_px: float = 32.0,
         presence_min: float = 0.5,
         smooth: bool = True,
-        feather_frac: float = 0.12,
-        forehead_keep: float = 0.4,
-        mouth_margin_frac: float = 0.05,
+        feather_frac: float = 0.09,
+        forehead_keep: float = 0.6,
+        mouth_margin_frac: float = 0.2,
+        colour_sigma_frac: float = 0.15,
+        hidden_rel: float = 0.1,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.source_image = np.ascontiguousarray(source_image)
@@ -99,6 +134,8 @@ class MeshSwapper:
         self.feather_frac = feather_frac
         self.forehead_keep = forehead_keep
         self.mouth_margin_frac = mouth_margin_frac
+        self.colour_sigma_frac = colour_sigma_frac
+        self.hidden_rel = hidden_rel
         self.topology: MeshTopology = load_topology()
         self.landmarker = FaceMeshLandmarker(store, device, dtype=dtype)
         self.tracker = FaceTracker()
@@ -158,7 +195,11 @@ class MeshSwapper:
         return meshes
 
     def swap_batch(self, frames: np.ndarray, faces: Sequence[Sequence[Face]]) -> list[SwapOutput]:
-        """Swap every face of every frame: mesh where a mesh was found, classic otherwise."""
+        """Swap every face of every frame: mesh where a mesh was found, classic otherwise.
+
+        The landmark net runs once over all faces of the batch; each face then touches only its own
+        window of the frame.
+        """
         frames = np.asarray(frames)
         meshes = self.track_meshes(frames, faces)
         outputs = []
@@ -168,20 +209,21 @@ class MeshSwapper:
             paths = []
             for face, pts in zip(frame_faces, frame_meshes, strict=True):
                 if pts is not None:
-                    out, mask = self.swap_face(out, pts)
+                    self.swap_face_into(out, union, pts)
                     paths.append(self.name)
                 else:
                     out, mask = self._classic_swapper().swap_face(out, face)  # type: ignore[attr-defined]
+                    np.maximum(union, mask, out=union)
                     paths.append("classic")
-                np.maximum(union, mask, out=union)
             outputs.append(SwapOutput(frame=out, mask=union, paths=paths))
         return outputs
 
     def _hidden_in_source(self, points: np.ndarray) -> np.ndarray:
-        """Per triangle, 1 where the source photo shows it folded or squeezed (turned away), else 0.
+        """Per triangle, 1 where the source photo shows it folded or squeezed flat (turned away), else 0.
 
-        Those triangles would sample the source's background or far cheek; the target's own skin is a
-        better fill there.
+        Those triangles would sample the source's background; the target's own skin is the better fill
+        there. Only near-edge-on triangles count: a merely foreshortened cheek still carries the
+        source's identity, and giving it back to the target would leak the target's face.
         """
         tris = self.topology.triangles
         src = signed_areas(self.source_points, tris)
@@ -191,34 +233,48 @@ class MeshSwapper:
         ref = float(np.median(ratio[front])) if front.any() else 1.0
         rel = ratio / max(ref, 1e-6)
         rel[self.topology.groups["surface"][1] :] = 1.0  # eye/mouth fills are thin by nature; mouth: own mask
-        return np.clip((0.35 - rel) / 0.25, 0.0, 1.0).astype(np.float32)
+        return np.clip((self.hidden_rel - rel) / (0.7 * self.hidden_rel), 0.0, 1.0).astype(np.float32)
 
-    def swap_face(self, frame: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Warp, colour-match and blend the source onto one target mesh; the frame and its mask."""
-        h, w = frame.shape[:2]
-        full_mask = np.zeros((h, w), dtype=np.float32)
-        iod = inter_ocular_px(points)
+    def _window(self, shape_hw: tuple[int, int], points: np.ndarray) -> tuple[int, int, int, int] | None:
+        h, w = shape_hw
         xy = points[:, :2]
         x0, y0 = (int(v) for v in np.clip(np.floor(xy.min(axis=0)) - 1, 0, [w, h]))
         x1, y1 = (int(v) for v in np.clip(np.ceil(xy.max(axis=0)) + 2, 0, [w, h]))
-        if x1 - x0 < 4 or y1 - y0 < 4 or not np.isfinite(iod) or iod < 1.0:
-            return frame, full_mask
+        if x1 - x0 < 4 or y1 - y0 < 4:
+            return None
+        return x0, y0, x1, y1
+
+    def swap_face(self, frame: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Warp, colour-match and blend the source onto one target mesh; a new frame and its mask."""
+        out = frame.copy()
+        mask = np.zeros(frame.shape[:2], dtype=np.float32)
+        self.swap_face_into(out, mask, points)
+        return out, mask
+
+    def swap_face_into(self, frame: np.ndarray, union: np.ndarray, points: np.ndarray) -> None:
+        """Blend the source onto one target mesh in place; ``union`` gathers the blend mask (max)."""
+        iod = inter_ocular_px(points)
+        window = self._window(frame.shape[:2], points)
+        if window is None or not np.isfinite(iod) or iod < 1.0:
+            return
+        x0, y0, x1, y1 = window
         origin, shape = (x0, y0), (y1 - y0, x1 - x0)
-        level = int(
-            np.clip(
-                math.floor(math.log2(max(inter_ocular_px(self.source_points) / iod, 1.0))),
-                0,
-                len(self._pyramid) - 1,
-            )
-        )
-        src_xy = (self.source_points[:, :2] + 0.5) / 2**level - 0.5
+        source_iod = inter_ocular_px(self.source_points)
+        level = int(np.clip(math.floor(math.log2(max(source_iod / iod, 1.0))), 0, len(self._pyramid) - 1))
+        scale = 2.0**level
+        src_xy = (self.source_points[:, :2] + 0.5) / scale - 0.5
         tris = self.topology.triangles
-        warped, tri_map = warp_mesh(self._pyramid[level], src_xy, points, tris, origin, shape)
+        xy = points[:, :2]
+        raster = rasterise_mesh(points, tris, origin, shape)
+        tri_map = raster.tri_map
+        covered = tri_map >= 0
+        warped = warp_through(self._pyramid[level], src_xy, xy, tris, raster)
+        hidden = self._hidden_in_source(points)
         hull = mask_outline(points, self.topology.face_oval, self.forehead_keep)
-        mask = feather_inside(polygon_mask(hull, origin, shape), self.feather_frac * iod)
+        region = polygon_mask(hull, origin, shape)
+        mask = feather_inside(region, self.feather_frac * iod)
         # keep the target where the source cannot supply the surface, and inside the target's mouth
-        hidden = self._hidden_in_source(points)[np.maximum(tri_map, 0)] * (tri_map >= 0)
-        keep_target = hidden.astype(np.float32)
+        keep_target = hidden[np.maximum(tri_map, 0)] * covered
         if self.mouth_mask != "off":
             start, stop = self.topology.groups["mouth"]
             mouth = ((tri_map >= start) & (tri_map < stop)).astype(np.float32)
@@ -226,18 +282,15 @@ class MeshSwapper:
             mouth = np.maximum(mouth, polygon_mask(xy[loop], origin, shape))
             radius = max(1, round(self.mouth_margin_frac * iod))
             kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-            mouth = cv2.dilate(mouth, kernel).astype(np.float32)
-            keep_target = np.maximum(keep_target, mouth).astype(np.float32)
+            keep_target = np.maximum(keep_target, cv2.dilate(mouth, kernel))
         keep_target = cv2.GaussianBlur(keep_target.astype(np.float32), (0, 0), sigmaX=max(0.04 * iod, 0.5))
         mask *= 1.0 - np.clip(keep_target * 1.5, 0.0, 1.0)
         mask[mask < MASK_EPS] = 0.0
         if not mask.any():
-            return frame, full_mask
+            return
         roi = frame[y0:y1, x0:x1]
-        warped = transfer_colour_lab(warped, roi, mask)
+        warped = match_colour(warped, roi, region * (mask > 0), self.colour_sigma_frac * iod)
         m = mask[..., None]
         blended = np.clip(roi.astype(np.float32) * (1.0 - m) + warped.astype(np.float32) * m + 0.5, 0, 255)
-        out = frame.copy()
-        out[y0:y1, x0:x1] = np.where(m > 0, blended.astype(np.uint8), roi)
-        full_mask[y0:y1, x0:x1] = mask
-        return out, full_mask
+        roi[...] = np.where(m > 0, blended.astype(np.uint8), roi)
+        np.maximum(union[y0:y1, x0:x1], mask, out=union[y0:y1, x0:x1])

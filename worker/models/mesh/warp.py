@@ -7,6 +7,8 @@ cheek of a turned head) are drawn far-to-near, so the visible surface wins.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 
@@ -55,6 +57,67 @@ def fill_from_nearest(idx: np.ndarray) -> np.ndarray:
     return np.where(holes == 1, covered[labels - 1], idx)
 
 
+def remap_triangles(
+    source: np.ndarray,
+    affines: np.ndarray,
+    local: np.ndarray,
+    origin_xy: tuple[int, int],
+) -> np.ndarray:
+    """One ``cv2.remap`` of ``source`` through per-pixel triangle affines (piecewise-affine warp).
+
+    ``local`` holds each window pixel's row of ``affines`` (every pixel must have one).
+    """
+    h, w = local.shape
+    table = affines.astype(np.float32).reshape(-1, 6)
+    xs = np.arange(w, dtype=np.float32)[None, :] + np.float32(origin_xy[0])
+    ys = np.arange(h, dtype=np.float32)[:, None] + np.float32(origin_xy[1])
+    coef = [table[:, k][local] for k in range(6)]
+    map_x = coef[0] * xs + coef[1] * ys + coef[2]
+    map_y = coef[3] * xs + coef[4] * ys + coef[5]
+    return cv2.remap(source, map_x, map_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+@dataclass(frozen=True)
+class MeshRaster:
+    """Which triangle each pixel of a window shows: computed once per target face, shared by warps."""
+
+    origin_xy: tuple[int, int]
+    tri_map: np.ndarray  # (H,W) int32 row of ``triangles`` seen there, -1 outside the mesh
+    filled: np.ndarray  # (H,W) int32 the same with holes given their nearest triangle
+
+
+def rasterise_mesh(
+    dst_xyz: np.ndarray, triangles: np.ndarray, origin_xy: tuple[int, int], shape_hw: tuple[int, int]
+) -> MeshRaster:
+    """The triangle map of the destination mesh (z = depth, larger is farther) in a window."""
+    dst_xy = dst_xyz[:, :2]
+    p = dst_xy[triangles]
+    area = (p[:, 1, 0] - p[:, 0, 0]) * (p[:, 2, 1] - p[:, 0, 1]) - (p[:, 2, 0] - p[:, 0, 0]) * (
+        p[:, 1, 1] - p[:, 0, 1]
+    )
+    rows = np.nonzero(np.abs(area) > 1e-6)[0]
+    local = rasterise_triangles(dst_xy, dst_xyz[:, 2], triangles[rows], origin_xy, shape_hw)
+    tri_map = np.where(local >= 0, rows[np.maximum(local, 0)], -1).astype(np.int32)
+    filled = fill_from_nearest(tri_map)
+    return MeshRaster(origin_xy=origin_xy, tri_map=tri_map, filled=filled)
+
+
+def warp_through(
+    source: np.ndarray, src_xy: np.ndarray, dst_xy: np.ndarray, triangles: np.ndarray, raster: MeshRaster
+) -> np.ndarray:
+    """The source warped onto the rasterised destination mesh; one remap for the whole window.
+
+    ``src_xy`` may be any per-landmark source positions, e.g. the mirrored landmarks that fill a side
+    of the face the source photo does not show.
+    """
+    if (raster.filled < 0).all():
+        h, w = raster.filled.shape
+        return np.repeat(np.repeat(source[:1, :1], h, axis=0), w, axis=1)
+    affines = triangle_affines(src_xy, dst_xy, triangles)
+    affines = np.where(np.isfinite(affines), affines, 0.0)
+    return remap_triangles(source, affines, np.maximum(raster.filled, 0), raster.origin_xy)
+
+
 def warp_mesh(
     source: np.ndarray,
     src_xy: np.ndarray,
@@ -70,23 +133,5 @@ def warp_mesh(
     ``src_xy`` are the source landmarks in ``source`` pixels, ``dst_xyz`` the target's in frame pixels
     (z = depth, larger is farther); the window is ``shape_hw`` at ``origin_xy`` in the frame.
     """
-    dst_xy = dst_xyz[:, :2]
-    affines = triangle_affines(src_xy, dst_xy, triangles)
-    valid = np.all(np.isfinite(affines), axis=(1, 2))
-    rows = np.nonzero(valid)[0]
-    local = rasterise_triangles(dst_xy, dst_xyz[:, 2], triangles[valid], origin_xy, shape_hw)
-    coverage = local >= 0
-    tri_map = np.where(coverage, rows[np.maximum(local, 0)], -1).astype(np.int32)
-    local = fill_from_nearest(local)
-    table = affines[valid].astype(np.float32)
-    a = table[np.maximum(local, 0)]  # (H,W,2,3)
-    ys, xs = np.mgrid[0 : shape_hw[0], 0 : shape_hw[1]].astype(np.float32)
-    xs += origin_xy[0]
-    ys += origin_xy[1]
-    map_x = a[..., 0, 0] * xs + a[..., 0, 1] * ys + a[..., 0, 2]
-    map_y = a[..., 1, 0] * xs + a[..., 1, 1] * ys + a[..., 1, 2]
-    if not coverage.any():
-        map_x[:] = -1.0
-        map_y[:] = -1.0
-    warped = cv2.remap(source, map_x, map_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    return warped, tri_map
+    raster = rasterise_mesh(dst_xyz, triangles, origin_xy, shape_hw)
+    return warp_through(source, src_xy, dst_xyz[:, :2], triangles, raster), raster.tri_map
