@@ -4,6 +4,8 @@
     FACEFARM_RELIABILITY_OUT=/tmp/outcomes.jsonl pytest tests/integration/reliability
     # 2. keep them (tests/integration/reliability/outcomes.json) and regenerate the table
     python scripts/make_reliability_table.py --from /tmp/outcomes.jsonl
+    #    or, after a run without the soak, replace only the rows that run recorded
+    python scripts/make_reliability_table.py --from /tmp/outcomes.jsonl --merge
     # check only (CI): exit 1 if the committed table does not match the committed outcomes
     python scripts/make_reliability_table.py --check
 
@@ -102,9 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--from", dest="source", type=Path, help="JSON lines from a test run to record")
     parser.add_argument("--check", action="store_true", help="exit 1 if RELIABILITY.md is stale")
+    parser.add_argument(
+        "--merge", action="store_true", help="with --from: keep committed rows the new run did not record"
+    )
     args = parser.parse_args(argv)
     if args.source is not None:
-        OUTCOMES.write_text(json.dumps(normalize(load_jsonl(args.source)), indent=1, sort_keys=True) + "\n")
+        records = load_jsonl(args.source)
+        if args.merge:
+            records = [*json.loads(OUTCOMES.read_text()), *records]  # the new run's rows win
+        OUTCOMES.write_text(json.dumps(normalize(records), indent=1, sort_keys=True) + "\n")
     outcomes = json.loads(OUTCOMES.read_text())
     table = render_markdown(outcomes)
     if args.check:

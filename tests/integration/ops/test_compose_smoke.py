@@ -50,14 +50,15 @@ def test_redis_refuses_clients_without_the_password(compose_farm: ComposeFarm) -
 
 def test_cpu_and_render_workers_register_with_redis(compose_farm: ComposeFarm) -> None:
     host = compose_farm.hostname
-    expected = {f"dispatch-0@{host}", f"cpu0-0@{host}"}  # cpu-worker, gpu-worker with --gpus none
+    # cpu-worker (plan/merge and the face check), gpu-worker with --gpus none
+    expected = {f"dispatch-0@{host}", f"check-0@{host}", f"cpu0-0@{host}"}
     seen: set[str] = set()
 
     def registered() -> bool:
         seen.update(ping_workers(compose_farm.redis_url))
         return expected <= seen
 
-    wait_for("both workers answering ping", registered, 60, on_fail=compose_farm.logs)
+    wait_for("every worker answering ping", registered, 60, on_fail=compose_farm.logs)
     assert seen == expected
 
 

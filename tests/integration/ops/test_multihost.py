@@ -97,7 +97,9 @@ def test_chunks_render_on_several_hosts_and_a_host_joining_mid_job_takes_chunks(
         s3.create_bucket(Bucket=api_env["FACEFARM_STORAGE_URL"].removeprefix("s3://"))
 
         for name in ("api", "cpu-worker"):
-            env = service_env(compose[name].environment, head_hosts, {**SPEED_ENV}, head_home)
+            # the head's cpu-worker runs the face check too, so it needs the models (the image bakes them)
+            head_env = {**SPEED_ENV, "FACEFARM_MODEL_STORE": str(store_source)}
+            env = service_env(compose[name].environment, head_hosts, head_env, head_home)
             group.start(name, local_command(compose[name].command, FACEFARM), env, prefix=head_prefix)
         api_url = f"http://{head.own_addr}:{API_PORT}"
 
@@ -122,6 +124,7 @@ def test_chunks_render_on_several_hosts_and_a_host_joining_mid_job_takes_chunks(
         wait_for("the API in the head", lambda: _healthy(api_url), 60, on_fail=group.logs)
         expected = {
             f"dispatch-0@{head.hostname}",
+            f"check-0@{head.hostname}",
             f"{RENDER_NODE}@{first.hostname}",
             f"{RENDER_NODE}@{second.hostname}",
         }
