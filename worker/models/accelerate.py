@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from worker.models.sr_nets import RRDBNet
+from worker.models.sr_nets import UPSAMPLE_HALO_ROWS, RRDBNet, run_in_row_bands
 from worker.models.super_res import SrModel
 
 MAX_CUDA_GRAPHS = 8  # captured input shapes per wrapped module (each keeps its own memory pool)
@@ -165,9 +165,13 @@ def _rrdb_forward(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor]
     return out * 0.2 + x
 
 
-def _rrdb_tail(feat: Tensor, body: Tensor, net: RRDBNet) -> Tensor:
-    """conv_body residual, two nearest x2 upsamples and the output convs (as ``RRDBNet.forward``)."""
-    feat = feat + net.conv_body(body)
+def _rrdb_join(feat: Tensor, body: Tensor, net: RRDBNet) -> Tensor:
+    """The conv_body residual (as ``RRDBNet.forward``)."""
+    return feat + net.conv_body(body)
+
+
+def _rrdb_upsample(feat: Tensor, net: RRDBNet) -> Tensor:
+    """Two nearest x2 upsamples and the output convs (as ``RRDBNet.upsample``), on one row band."""
     feat = F.leaky_relu(net.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2)
     feat = F.leaky_relu(net.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2)
     return net.conv_last(F.leaky_relu(net.conv_hr(feat), 0.2))
@@ -185,7 +189,8 @@ class CompiledRRDBNet(nn.Module):
         self.net = net
         # ``compiled=False`` runs the same functional forward eagerly (tests compare it with RRDBNet).
         self._block = torch.compile(_rrdb_forward, dynamic=False, mode=mode) if compiled else _rrdb_forward
-        self._tail = torch.compile(_rrdb_tail, dynamic=False, mode=mode) if compiled else _rrdb_tail
+        self._join = torch.compile(_rrdb_join, dynamic=False, mode=mode) if compiled else _rrdb_join
+        self._up = torch.compile(_rrdb_upsample, dynamic=False, mode=mode) if compiled else _rrdb_upsample
 
     def forward(self, x: Tensor) -> Tensor:
         net = self.net
@@ -200,7 +205,14 @@ class CompiledRRDBNet(nn.Module):
         for rrdb in net.body:
             convs = [c for rdb in (rrdb.rdb1, rrdb.rdb2, rrdb.rdb3) for c in _rdb_convs(rdb)]  # type: ignore[arg-type]
             body = self._block(body, [c.weight for c in convs], [c.bias for c in convs])  # type: ignore[misc]
-        return self._tail(feat, body, net)
+        feat = self._join(feat, body, net)
+        return run_in_row_bands(
+            lambda band: self._up(band, net),
+            feat,
+            scale=4,
+            band_rows=net.upsample_band_rows,
+            halo_rows=UPSAMPLE_HALO_ROWS,
+        )
 
 
 def _rdb_convs(rdb: nn.Module) -> list[nn.Conv2d]:

@@ -115,7 +115,14 @@ def export_sr_model(model: SrModel, path: Path, *, check_px: int = 32) -> Export
     """RRDBNet / SRVGGNetCompact -> ONNX (dynamic N, H, W), checked on a random ``check_px`` image."""
     net = _cpu_fp32(model.net)
     example = torch.rand(1, 3, check_px, check_px, generator=torch.Generator().manual_seed(0))
-    export_onnx(net, example, path, output_names=["output"], spatial_dynamic=True)
+    bands = getattr(net, "upsample_band_rows", None)
+    if bands is not None:  # a traced band loop would fix the height; export the whole tail
+        net.upsample_band_rows = None  # type: ignore[assignment]
+    try:
+        export_onnx(net, example, path, output_names=["output"], spatial_dynamic=True)
+    finally:
+        if bands is not None:
+            net.upsample_band_rows = bands  # type: ignore[assignment]
     check = torch.rand(2, 3, check_px + 8, check_px, generator=torch.Generator().manual_seed(1))
     return verify_onnx(path, net, check, atol=1e-3)
 

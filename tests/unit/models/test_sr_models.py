@@ -157,3 +157,30 @@ def test_unknown_sr_name_and_cpu_estimate() -> None:
     minutes = estimate_cpu_seconds("realesrgan-x4plus", 1920, 1080, 1) / 60
     assert 5 < minutes < 20  # ~10 min per 1080p frame on the 2-core CPU
     assert estimate_cpu_seconds("realesr-animevideov3", 1920, 1080, 1) < minutes * 60 / 10
+
+
+@pytest.mark.parametrize("height", [7, 32, 33, 70, 97])
+def test_the_upsampling_tail_in_row_bands_equals_the_whole_tail(height: int) -> None:
+    """Bands of 32 input rows with a 2-row halo reproduce the unbanded network, at every cut."""
+    torch.manual_seed(0)
+    net = RRDBNet(num_feat=16, num_block=1, num_grow_ch=8).eval()
+    x = torch.rand(1, 3, height, 41)
+    with torch.inference_mode():
+        banded = net(x)
+        net.upsample_band_rows = None
+        whole = net(x)
+    assert banded.shape == whole.shape == (1, 3, 4 * height, 4 * 41)
+    assert torch.allclose(banded, whole, atol=1e-5, rtol=0), (banded - whole).abs().max()
+
+
+def test_a_smaller_halo_would_show_at_the_cuts() -> None:
+    """The halo is needed: with none, rows at the band cuts differ (so the test above can fail)."""
+    from worker.models.sr_nets import run_in_row_bands
+
+    torch.manual_seed(0)
+    net = RRDBNet(num_feat=16, num_block=1, num_grow_ch=8).eval()
+    feat = torch.rand(1, 16, 70, 20)
+    with torch.inference_mode():
+        no_halo = run_in_row_bands(net.upsample, feat, scale=4, band_rows=32, halo_rows=0)
+        whole = net.upsample(feat)
+    assert (no_halo - whole).abs().max() > 1e-3
