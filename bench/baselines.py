@@ -67,7 +67,11 @@ def reference_dtype(device: torch.device) -> torch.dtype:
 def load_reference_sr(name: str, store: Path, device: torch.device) -> SrModel:
     """The shipped SR net, eager, NCHW weights, in the reference dtype, run whole as Real-ESRGAN
     does (our RRDBNet's row-banded upsampling tail is one of the levers, so it is off here)."""
-    model = load_sr_model(name, store, device=device, dtype=reference_dtype(device))
+    return as_reference(load_sr_model(name, store, device=device, dtype=reference_dtype(device)))
+
+
+def as_reference(model: SrModel) -> SrModel:
+    """``model`` run as Real-ESRGAN runs it: RRDBNet's upsampling tail whole, not in row bands."""
     if hasattr(model.net, "upsample_band_rows"):
         model.net.upsample_band_rows = None
     return model

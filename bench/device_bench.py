@@ -70,6 +70,7 @@ class BenchContext:
     frames: int
     deadline: float
     encoder_threads: int
+    pipeline_cases: tuple[str, ...] = ()  # label substrings to keep (empty: every case)
 
     def left_s(self) -> float:
         return self.deadline - time.monotonic()
@@ -285,7 +286,7 @@ def no_tf32() -> Iterator[None]:
 
 
 def fp32_reference(ctx: BenchContext, name: str, x32: Tensor) -> Tensor:
-    model = load_sr_model(name, ctx.store, device=ctx.device, dtype=torch.float32)
+    model = baselines.as_reference(load_sr_model(name, ctx.store, device=ctx.device, dtype=torch.float32))
     with no_tf32(), torch.inference_mode():
         out = model.net(x32).clamp_(0, 1)
     synchronize(ctx.device)
@@ -333,7 +334,7 @@ def part_sr(ctx: BenchContext) -> dict[str, Any]:
 
     def reference(dtype: torch.dtype, x: Tensor, tiled: bool = False) -> Callable[[], Callable[[], Tensor]]:
         def build() -> Callable[[], Tensor]:
-            model = load_sr_model(SR_MODEL, ctx.store, device=ctx.device, dtype=dtype)
+            model = baselines.as_reference(load_sr_model(SR_MODEL, ctx.store, device=ctx.device, dtype=dtype))
             if tiled:
                 return lambda: baselines.run_reference_tiled(model, x)
             return lambda: baselines.run_reference_eager(model, x)
@@ -824,6 +825,8 @@ def part_pipeline(ctx: BenchContext) -> dict[str, Any]:
     ]
     if _mesh_available():
         cases.append(PipelineCase("render_chunk pipelined x2, mesh swapper", 2, swapper="mesh"))
+    if ctx.pipeline_cases:
+        cases = [c for c in cases if any(part in c.label for part in ctx.pipeline_cases)]
     return _pipeline_runs(ctx, ctx.device, width, height, ctx.frames, cases)
 
 
@@ -933,6 +936,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--device", default=None, help="default: cuda if available, else cpu (cpu with --smoke)"
     )
+    parser.add_argument(
+        "--pipeline-cases", default="", help="comma list of label substrings of the pipeline cases to run"
+    )
     return parser.parse_args(argv)
 
 
@@ -960,6 +966,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         frames=4 if args.smoke else args.frames,
         deadline=started + args.budget_s,
         encoder_threads=os.cpu_count() or 2,
+        pipeline_cases=tuple(p.strip() for p in args.pipeline_cases.split(",") if p.strip()),
     )
     report: dict[str, Any] = {
         "environment": environment(device),

@@ -17,7 +17,9 @@ from shared.settings import Settings, get_settings
 from shared.state import JobStore
 from shared.storage import Storage, create_storage
 
-app = Celery("facefarm-worker", include=["worker.tasks", "worker.checks", "worker.hooks"], set_as_current=False)
+app = Celery(
+    "facefarm-worker", include=["worker.tasks", "worker.checks", "worker.hooks"], set_as_current=False
+)
 app.add_defaults(lambda: celery_config(get_settings(), role="gpu"))
 
 

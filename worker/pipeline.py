@@ -96,7 +96,8 @@ def render_chunk(
                 if errors:
                     raise errors[0]
                 started = time.perf_counter()
-                swapped = engine.process(batch.frames, batch.output_mask)
+                with session.face_stream_context():
+                    swapped = engine.process(batch.frames, batch.output_mask)
                 clock.add("faces", started)
                 keep = [i for i, out in enumerate(batch.output_mask) if out]
                 if not keep:
