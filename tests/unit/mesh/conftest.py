@@ -23,10 +23,15 @@ def mesh_store() -> Path:
 
 
 def insightface_image(name: str) -> np.ndarray:
-    """An RGB image bundled with the installed insightface package (never copied into the repo)."""
-    import insightface
+    """An RGB image bundled with the installed insightface package (never copied into the repo);
+    from ``$FACEFARM_TEST_IMAGES`` where insightface is not installed (the GPU machine)."""
+    folder = os.environ.get("FACEFARM_TEST_IMAGES")
+    if folder:
+        path = Path(folder) / name
+    else:
+        import insightface
 
-    path = Path(insightface.__file__).parent / "data" / "images" / name
+        path = Path(insightface.__file__).parent / "data" / "images" / name
     bgr = cv2.imread(str(path))
     assert bgr is not None, f"missing {path}"
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

@@ -43,6 +43,21 @@ def rasterise_triangles(
     return idx
 
 
+def polygon_mask_u8(
+    polygon_xy: np.ndarray, origin_xy: tuple[int, int], shape_hw: tuple[int, int]
+) -> np.ndarray:
+    """Anti-aliased fill (0..255) of a polygon in a window at ``origin_xy`` (sub-pixel vertices)."""
+    canvas = np.zeros(shape_hw, dtype=np.uint8)
+    pts = np.round((polygon_xy - np.asarray(origin_xy, np.float64)) * (1 << _SHIFT_BITS)).astype(np.int32)
+    cv2.fillPoly(canvas, [pts], 255, lineType=cv2.LINE_AA, shift=_SHIFT_BITS)
+    return canvas
+
+
+def polygon_mask(polygon_xy: np.ndarray, origin_xy: tuple[int, int], shape_hw: tuple[int, int]) -> np.ndarray:
+    """Anti-aliased fill of a polygon in a window, float32 in [0,1] (sub-pixel, so edges never jump)."""
+    return polygon_mask_u8(polygon_xy, origin_xy, shape_hw).astype(np.float32) / 255.0
+
+
 def fill_from_nearest(idx: np.ndarray) -> np.ndarray:
     """Give every uncovered pixel the triangle of its nearest covered pixel (affine extrapolation).
 
