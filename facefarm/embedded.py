@@ -330,6 +330,7 @@ def run_embedded_farm(settings: Settings, *, use_gpu: bool, debug: bool = False)
             token, token_hash = create_token()
             device = "cuda" if use_gpu and gpu_present() else "cpu"
             (workdir / "storage").mkdir()
+            (workdir / "tmp").mkdir()
             root = Path(__file__).resolve().parent.parent
 
             def env_for(redis_port: int, api_port: int) -> dict[str, str]:
@@ -341,7 +342,9 @@ def run_embedded_farm(settings: Settings, *, use_gpu: bool, debug: bool = False)
                     token_hash=token_hash,
                     device=device,
                 )
-                return child_env(settings_env(values), root)
+                # children's temp files (chunk scratch, multiprocessing's pymp-* dirs) live in the
+                # workdir, so a child killed at teardown leaves nothing behind once it is removed
+                return {**child_env(settings_env(values), root), "TMPDIR": str(workdir / "tmp")}
 
             def start(name: str, args: list[str], env: Mapping[str, str]) -> Child:
                 child = start_child(name, args, env=env, workdir=workdir, inherit_output=debug)
