@@ -47,13 +47,13 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dispatcher.planner import encoder_settings_for, plan_chunks  # noqa: E402
+from dispatcher.planner import chunk_spec, encoder_settings_for, plan_chunks  # noqa: E402
 from dispatcher.service import FarmContext, enqueue_renders  # noqa: E402
 from shared.celery_config import GPU_MAX_TASKS_PER_CHILD  # noqa: E402
 from shared.cpus import usable_cpus  # noqa: E402
 from shared.media import VideoInfo  # noqa: E402
 from shared.names import storage_chunk_key  # noqa: E402
-from shared.schemas import ChunkSpec, ChunkStatus, JobOptions, JobStatus  # noqa: E402
+from shared.schemas import ChunkStatus, JobOptions, JobStatus  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 from shared.state import ChunkRecord, JobStore  # noqa: E402
 from shared.storage import Storage, create_storage  # noqa: E402
@@ -296,14 +296,9 @@ def plan_job(
     )
     encoder = encoder_settings_for(inputs.info, inputs.options, settings)
     specs = [
-        ChunkSpec(
-            job_id=job_id,
-            index=r.index,
-            start_frame=r.start_frame,
-            end_frame=r.end_frame,
-            warmup_frames=r.warmup_frames,
-            seek_pts=r.seek_pts,
-            seek_frame=r.seek_frame,
+        chunk_spec(
+            job_id,
+            r,
             source_uri=inputs.video_uri,
             face_uri=inputs.face_uri,
             output_uri=storage.uri_for(storage_chunk_key(job_id, r.index, "mp4")),

@@ -18,6 +18,7 @@ from dispatcher.planner import (
     ChunkRange,
     check_limits,
     chunk_frames_for,
+    chunk_spec,
     encoder_settings_for,
     frame_range_for,
     plan_chunks,
@@ -28,7 +29,7 @@ from shared.errors import FaceFarmError, InvalidVideoError
 from shared.faults import fire, select
 from shared.media import VideoInfo, check_decodes, display_name, probe
 from shared.names import storage_chunk_key, storage_output_key
-from shared.schemas import ChunkSpec, JobStatus
+from shared.schemas import JobStatus
 from shared.settings import Settings
 from shared.state import JobRecord, JobStore
 from shared.storage import Storage
@@ -72,14 +73,9 @@ def plan_job_now(ctx: FarmContext, job_id: str) -> dict[str, Any]:
     )
     encoder = encoder_settings_for(info, options, settings)
     specs = [
-        ChunkSpec(
-            job_id=job_id,
-            index=r.index,
-            start_frame=r.start_frame,
-            end_frame=r.end_frame,
-            warmup_frames=r.warmup_frames,
-            seek_pts=r.seek_pts,
-            seek_frame=r.seek_frame,
+        chunk_spec(
+            job_id,
+            r,
             source_uri=job.video_uri,
             face_uri=job.face_uri,
             output_uri=storage.uri_for(storage_chunk_key(job_id, r.index, CHUNK_EXT)),

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from shared.errors import BadInputError, HdrRefusedError, InvalidVideoError, LimitExceededError
 from shared.media import VideoInfo
-from shared.schemas import EncoderSettings, JobOptions
+from shared.schemas import ChunkSpec, EncoderSettings, JobOptions
 from shared.settings import Settings
 
 # Rough render throughput used only to size chunks when none is given: frames per second of
@@ -119,6 +119,34 @@ def _chunk(info: VideoInfo, index: int, first: int, last: int, warmup_frames: in
         warmup_frames=warmup,
         seek_pts=info.frame_pts[seek_frame],
         seek_frame=seek_frame,
+    )
+
+
+def chunk_spec(
+    job_id: str,
+    chunk: ChunkRange,
+    *,
+    source_uri: str,
+    face_uri: str,
+    output_uri: str,
+    options: JobOptions,
+    encoder: EncoderSettings,
+) -> ChunkSpec:
+    """The wire description of one planned chunk: its frame range and seek point, plus the job's
+    inputs, options and fixed encoder settings."""
+    return ChunkSpec(
+        job_id=job_id,
+        index=chunk.index,
+        start_frame=chunk.start_frame,
+        end_frame=chunk.end_frame,
+        warmup_frames=chunk.warmup_frames,
+        seek_pts=chunk.seek_pts,
+        seek_frame=chunk.seek_frame,
+        source_uri=source_uri,
+        face_uri=face_uri,
+        output_uri=output_uri,
+        options=options,
+        encoder=encoder,
     )
 
 
