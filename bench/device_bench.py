@@ -13,11 +13,14 @@ A short table is printed last.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
+import io
 import json
 import math
 import os
 import platform
+import pstats
 import statistics
 import subprocess
 import sys
@@ -53,7 +56,8 @@ PARTS = ("sr", "anime", "swapper", "landmarks", "pipeline", "cpu")
 # Measured ceilings of one H100 (handbook GPU.md): bf16 dense matmul and device copy bandwidth.
 PEAK_FLOP_S = 790e12
 PEAK_BYTES_S = 3.0e12
-COMPILE_RESERVE_S = 120.0  # skip a compiled variant when less than this is left
+COMPILE_RESERVE_S = 120.0
+MAX_AUTOTUNE = "max-autotune-no-cudagraphs"  # graphs are their own lever (SpeedOptions.cuda_graphs)  # skip a compiled variant when less than this is left
 SR_MODEL = "realesrgan-x4plus"
 ANIME_MODEL = "realesr-animevideov3"
 
@@ -71,6 +75,7 @@ class BenchContext:
     deadline: float
     encoder_threads: int
     pipeline_cases: tuple[str, ...] = ()  # label substrings to keep (empty: every case)
+    variants: tuple[str, ...] = ()  # sr/anime variant label substrings to keep (name the baseline too)
 
     def left_s(self) -> float:
         return self.deadline - time.monotonic()
@@ -184,6 +189,8 @@ def run_variant(
     ``reference`` rows run with cuDNN autotuning off (Real-ESRGAN's default); ours with it on.
     """
     if compiled and not ctx.compile:
+        return None
+    if ctx.variants and not any(part in label for part in ctx.variants):
         return None
     if compiled and ctx.left_s() < COMPILE_RESERVE_S:
         rows.append({"variant": label, "skipped": f"only {ctx.left_s():.0f} s left"})
@@ -371,14 +378,22 @@ def part_sr(ctx: BenchContext) -> dict[str, Any]:
                 compiled=True, **common)  # fmt: skip
     run_variant(ctx, rows, "compiled bf16 channels_last whole frame", ours(bf16, x_bf16, SpeedOptions(compile=True)),
                 compiled=True, **common)  # fmt: skip
+    if ctx.device.type == "cuda":  # compiled Triton kernels need a GPU
+        run_variant(ctx, rows, "Triton fused conv fp16 whole frame", ours(half, x_half, SpeedOptions(kernels="triton")),
+                    note="worker/models/triton_conv.py: implicit-GEMM 3x3 conv, bias+activation+residual fused, "
+                    "dense-block features in one buffer (no torch.cat)", **common)  # fmt: skip
+        run_variant(ctx, rows, "Triton fused conv fp16 whole frame + CUDA graph",
+                    ours(half, x_half, SpeedOptions(kernels="triton", cuda_graphs=True)),
+                    note="one graph replays the ~350 launches", **common)  # fmt: skip
+    run_variant(ctx, rows, "compiled max-autotune fp16 channels_last whole frame",
+                ours(half, x_half, SpeedOptions(compile=True, compile_mode=MAX_AUTOTUNE)), compiled=True,
+                note="Inductor's Triton conv templates with fused epilogues vs cuDNN, autotuned", **common)  # fmt: skip
 
     # What ships: uint8 frames in and out, upload/download included.
     def product(options: SpeedOptions) -> Callable[[], Callable[[], Tensor]]:
         def build() -> Callable[[], Tensor]:
             model = accelerate_sr(load_sr_model(SR_MODEL, ctx.store, device=ctx.device, dtype=half), options)
-            return lambda: (
-                torch.from_numpy(upscale_frames(model, frame, upscale=4)).permute(0, 3, 1, 2).float() / 255
-            )
+            return lambda: torch.from_numpy(upscale_frames(model, frame, upscale=4))
 
         return build
 
@@ -386,9 +401,10 @@ def part_sr(ctx: BenchContext) -> dict[str, Any]:
     compiled_best = bool(fastest and fastest["variant"].startswith("compiled"))
     run_variant(ctx, rows, f"upscale_frames uint8 in/out, channels_last{' + compiled' if compiled_best else ''}",
                 product(SpeedOptions(compile=compiled_best)), note="includes upload, download and uint8 rounding",
-                **common)  # fmt: skip
+                compare=uint8_to_unit, **common)  # fmt: skip
     run_variant(ctx, rows, "session super_resolver (what ships today)", _session_sr(ctx, SR_MODEL, frame, 4),
-                note="RenderSession: budget tile plan, model cache; includes transfers", **common)  # fmt: skip
+                note="RenderSession: budget tile plan, model cache; includes transfers", compare=uint8_to_unit,
+                **common)  # fmt: skip
     with_ratio(rows, baseline)
     best = best_row(rows)
     result["best"] = best and {
@@ -411,9 +427,14 @@ def _session_sr(
             device=str(ctx.device), model_store=str(ctx.store), model_cache_dir=ctx.work / "model-cache"
         )
         step = RenderSession(settings).super_resolver(JobOptions(upscale=upscale, sr_model=name))  # type: ignore[arg-type]
-        return lambda: torch.from_numpy(step(frames)).permute(0, 3, 1, 2).float() / 255
+        return lambda: torch.from_numpy(step(frames))
 
     return build
+
+
+def uint8_to_unit(out: Tensor) -> Tensor:
+    """Frame 0 of an (N,H,W,3) uint8 result as (1,3,H,W) in [0,1], for the PSNR (outside the clock)."""
+    return out[:1].permute(0, 3, 1, 2).float() / 255
 
 
 # ---- part 2: realesr-animevideov3 -----------------------------------------------------------------
@@ -475,6 +496,13 @@ def part_anime(ctx: BenchContext) -> dict[str, Any]:
     variant(f"compiled fp16 channels_last batch {mid} + CUDA graph", half, mid,
             SpeedOptions(compile=True, cuda_graphs=True), compiled=True)  # fmt: skip
     variant(f"compiled fp16 channels_last batch {big}", half, big, SpeedOptions(compile=True), compiled=True)
+    if ctx.device.type == "cuda":  # compiled Triton kernels need a GPU (the CPU interpreter is for tests)
+        for b in batches:
+            variant(f"Triton fused conv fp16 batch {b}", half, b, SpeedOptions(kernels="triton"))
+        variant(f"Triton fused conv fp16 batch {mid} + CUDA graph", half, mid,
+                SpeedOptions(kernels="triton", cuda_graphs=True))  # fmt: skip
+    variant(f"compiled max-autotune fp16 channels_last batch {mid}", half, mid,
+            SpeedOptions(compile=True, compile_mode=MAX_AUTOTUNE), compiled=True)  # fmt: skip
 
     # What the pipeline sees at 4K out (upscale 2): uint8 in/out, x4 then 2x2 average, transfers.
     def product(upscale: int, batch: int) -> Callable[[], Callable[[], Tensor]]:
@@ -679,6 +707,15 @@ class PipelineCase:
     upscale: int
     swapper: str = "classic"
     mode: str = "pipelined"  # pipelined | accelerated | unbudgeted | per_frame
+    settings: dict[str, Any] | None = None  # Settings fields this case overrides (e.g. batch_frames)
+    profile: bool = False  # cProfile the face-stage thread (adds a little host time; a row of its own)
+
+
+def profile_table(profiler: cProfile.Profile, top: int = 30) -> list[str]:
+    """The ``top`` functions by own time (blocking device syncs show up as ``cpu``/``item``/...)."""
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return [line for line in text.getvalue().splitlines() if line.strip()][-top - 1 :]
 
 
 def _pipeline_runs(ctx: BenchContext, device: torch.device, width: int, height: int, frames: int,
@@ -729,14 +766,19 @@ def _pipeline_runs(ctx: BenchContext, device: torch.device, width: int, height: 
                          seek_pts=clip.first_pts, seek_frame=0, source_uri=str(clip.path), face_uri=str(face_path),
                          output_uri=str(work / name), options=options, encoder=encoder)  # fmt: skip
 
+    def settings_for(case: PipelineCase) -> Settings:
+        return settings.model_copy(update=case.settings) if case.settings else settings
+
     def session_for(case: PipelineCase) -> Any:
         if case.mode == "accelerated":
-            return accelerated_session(settings, SpeedOptions(compile=ctx.compile and device.type == "cuda"))
+            return accelerated_session(
+                settings_for(case), SpeedOptions(compile=ctx.compile and device.type == "cuda")
+            )
         if case.mode == "unbudgeted":
-            return baselines.unbudgeted_session(settings)
+            return baselines.unbudgeted_session(settings_for(case))
         from worker.session import RenderSession
 
-        return RenderSession(settings)
+        return RenderSession(settings_for(case))
 
     for case in cases:
         if ctx.left_s() < 20:
@@ -747,6 +789,7 @@ def _pipeline_runs(ctx: BenchContext, device: torch.device, width: int, height: 
             "upscale": case.upscale,
             "swapper": case.swapper,
             "mode": case.mode,
+            "settings": case.settings or {},
         }
         # cuDNN autotuning as each way really runs: the per-frame tools and today's session leave it off.
         row["cudnn_benchmark"] = case.mode == "accelerated"
@@ -771,15 +814,22 @@ def _pipeline_runs(ctx: BenchContext, device: torch.device, width: int, height: 
             else:
                 with installed_session(session_for(case)):
                     warm = render_chunk(spec_for(case, min(16, frames), "warmup.mp4"), source=str(clip.path),
-                                        face_path=face_path, output_path=work / "warmup.mp4", settings=settings,
+                                        face_path=face_path, output_path=work / "warmup.mp4", settings=settings_for(case),
                                         on_progress=lambda n: None, should_stop=lambda: False, log=lambda s: None)  # fmt: skip
                     row["warmup_frames"] = warm.frames
+                    profiler = cProfile.Profile() if case.profile else None
                     t0, c0 = time.perf_counter(), time.process_time()
+                    if profiler is not None:
+                        profiler.enable()  # the calling thread only: the face stage
                     stats = render_chunk(spec_for(case, frames, output.name), source=str(clip.path), face_path=face_path,
-                                         output_path=output, settings=settings, on_progress=lambda n: None,
+                                         output_path=output, settings=settings_for(case), on_progress=lambda n: None,
                                          should_stop=lambda: False, log=lambda s: None)  # fmt: skip
                     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-                row.update(frames=stats.frames, faces=stats.faces, wall_s=round(wall, 3), cpu_s=round(cpu, 3),
+                    if profiler is not None:
+                        profiler.disable()
+                        row["face_thread_profile"] = profile_table(profiler)
+                row.update(frames=stats.frames, faces=stats.faces, faces_by_path=stats.faces_by_path,
+                           wall_s=round(wall, 3), cpu_s=round(cpu, 3),
                            stage_seconds=stats.stage_seconds)  # fmt: skip
             row["fps"] = round(row["frames"] / row["wall_s"], 3)
             row["cpu_cores_busy"] = round(row["cpu_s"] / row["wall_s"], 2)
@@ -789,17 +839,15 @@ def _pipeline_runs(ctx: BenchContext, device: torch.device, width: int, height: 
             row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
             row["traceback"] = traceback.format_exc()[-4000:]
         rows.append(row)
-    for upscale in {c.upscale for c in cases}:
-        base = next(
-            (
-                r
-                for r in rows
-                if r.get("mode") == "per_frame" and r.get("upscale") == upscale and r.get("fps")
-            ),
-            None,
-        )
-        for r in rows:
-            if base and r.get("upscale") == upscale and r.get("fps"):
+        summary = {k: row.get(k) for k in ("run", "fps", "wall_s", "stage_seconds", "error")}
+        print(f"[row] {json.dumps(summary)}", flush=True)  # a killed call still shows finished rows
+    for upscale, swapper in {(c.upscale, c.swapper) for c in cases}:
+        same = [
+            r for r in rows if r.get("upscale") == upscale and r.get("swapper") == swapper and r.get("fps")
+        ]
+        base = next((r for r in same if r.get("mode") == "per_frame"), None)
+        for r in same:
+            if base:
                 r["x_per_frame"] = round(r["fps"] / base["fps"], 2)
     return result
 
@@ -823,8 +871,25 @@ def part_pipeline(ctx: BenchContext) -> dict[str, Any]:
         PipelineCase("per-frame synchronous x1 (1080p out) [baseline]", 1, mode="per_frame"),
         PipelineCase("render_chunk pipelined x1 (1080p out)", 1),
     ]
-    if _mesh_available():
-        cases.append(PipelineCase("render_chunk pipelined x2, mesh swapper", 2, swapper="mesh"))
+    if _mesh_available():  # the default swapper: the issue's headline row
+        mesh = "mesh swapper"
+        b16 = {"batch_frames": 16}
+        cases += [
+            PipelineCase(f"per-frame synchronous x2 (4K out), {mesh} [baseline]", 2, swapper="mesh", mode="per_frame"),
+            PipelineCase(f"render_chunk pipelined x2, {mesh} (what ships)", 2, swapper="mesh"),
+            PipelineCase(f"render_chunk pipelined x2, {mesh} (what ships, second chunk of the process)", 2,
+                         swapper="mesh"),  # fmt: skip
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, 16-frame batches", 2, swapper="mesh", settings=b16),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, 16-frame batches, compiled SR", 2, swapper="mesh",
+                         settings=b16 | {"sr_compile": True}),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, 16-frame batches, Triton SR", 2, swapper="mesh",
+                         settings=b16 | {"sr_kernels": "triton"}),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, face thread profiled", 2, swapper="mesh", profile=True),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, per-face cv2 compositor", 2, swapper="mesh",
+                         settings={"mesh_compositor": "cv2"}),
+            PipelineCase(f"per-frame synchronous x1 (1080p out), {mesh} [baseline]", 1, swapper="mesh", mode="per_frame"),
+            PipelineCase(f"render_chunk pipelined x1 (1080p out), {mesh}", 1, swapper="mesh"),
+        ]  # fmt: skip
     if ctx.pipeline_cases:
         cases = [c for c in cases if any(part in c.label for part in ctx.pipeline_cases)]
     return _pipeline_runs(ctx, ctx.device, width, height, ctx.frames, cases)
@@ -939,6 +1004,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--pipeline-cases", default="", help="comma list of label substrings of the pipeline cases to run"
     )
+    parser.add_argument(
+        "--variants", default="", help="comma list of label substrings of the sr/anime variants to run"
+    )
     return parser.parse_args(argv)
 
 
@@ -967,6 +1035,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         deadline=started + args.budget_s,
         encoder_threads=os.cpu_count() or 2,
         pipeline_cases=tuple(p.strip() for p in args.pipeline_cases.split(",") if p.strip()),
+        variants=tuple(p.strip() for p in args.variants.split(",") if p.strip()),
     )
     report: dict[str, Any] = {
         "environment": environment(device),

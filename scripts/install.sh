@@ -40,10 +40,18 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   fi
 fi
 
+# Keep that torch: a dependency's own pin (onnx2torch wants torchvision, and the newest torchvision
+# wants the newest torch) would otherwise swap it for a multi-GB CUDA build, or replace a GPU
+# machine's CUDA build. pip's own constraints (/etc/xdg/pip) are kept beside ours.
+TORCH_PIN="$VENV/torch-constraint.txt"
+"$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" >"$TORCH_PIN"
+PIP_CONSTRAINTS=(-c "$TORCH_PIN")
+PIP_SYS_CONSTRAINT=$("$VENV/bin/python" -m pip config get global.constraint 2>/dev/null || true)
+if [ -n "$PIP_SYS_CONSTRAINT" ] && [ -f "$PIP_SYS_CONSTRAINT" ]; then PIP_CONSTRAINTS+=(-c "$PIP_SYS_CONSTRAINT"); fi
 if [ "$DEV" = 1 ]; then
-  "${PIP[@]}" install -e ".[dev]"
+  "${PIP[@]}" install "${PIP_CONSTRAINTS[@]}" -e ".[dev]"
 else
-  "${PIP[@]}" install -e .
+  "${PIP[@]}" install "${PIP_CONSTRAINTS[@]}" -e .
 fi
 # torchvision is never needed; a mismatched one breaks `import torch` users, so keep it out.
 "${PIP[@]}" uninstall -y torchvision >/dev/null 2>&1 || true

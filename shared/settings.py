@@ -95,7 +95,15 @@ class Settings(BaseSettings):
     # this worker's CPUs (cpulist, e.g. 0-15): `facefarm worker` gives each GPU client its own block
     cpu_affinity: str | None = None
     unified_memory: bool = False
-    sr_compile: bool = False  # torch.compile the SR network on CUDA (first chunk pays the compile)
+    # torch.compile the SR network on CUDA (~3x the eager net alone, but no faster inside the face-bound
+    # render pipeline, bench/RESULTS.md); a worker's first chunk pays ~10 s of compile. CPU: ignored.
+    sr_compile: bool = False
+    # the SR nets' convs on CUDA: "cudnn" = torch's (compiled per sr_compile); "triton" = our fused
+    # Triton kernels, as fast alone but slower inside the render pipeline (bench/RESULTS.md);
+    # "auto" = triton where it imports, else cudnn
+    sr_kernels: Literal["auto", "cudnn", "triton"] = "cudnn"
+    # where the mesh swapper blends: "auto" = all faces of a batch at once on CUDA, cv2 on the CPU
+    mesh_compositor: Literal["auto", "batched", "torch", "cv2"] = "auto"
     encoder_threads: int = 2
 
     # --- flower / observability ------------------------------------------------------------

@@ -153,6 +153,7 @@ def create_face_engine(
         reference_image=reference,
         reference_distance=options.reference_distance,
         enhance_crops=session.face_enhancer(options),
+        mesh_compositor=session.settings.mesh_compositor,
     )
 
 

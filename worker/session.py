@@ -21,7 +21,7 @@ from torch import nn
 from shared.model_store import require_file, resolve_store
 from shared.schemas import JobOptions
 from shared.settings import Settings
-from worker.models.accelerate import SpeedOptions, accelerate_sr, configure_compile_cache
+from worker.models.accelerate import SpeedOptions, accelerate_sr, configure_compile_cache, sr_kernels
 from worker.models.enhancer import FaceEnhancer, enhance_faces, load_face_enhancer
 from worker.models.registry import get_descriptor
 from worker.models.super_res import SrModel, estimate_cpu_seconds, load_sr_model, upscale_frames
@@ -165,11 +165,15 @@ class RenderSession:
             return eager
         key = (eager.name, id(net))
         if key not in self._fast_sr:
-            if self.settings.sr_compile:
+            kernels = sr_kernels(self.settings.sr_kernels)
+            compile_net = self.settings.sr_compile and kernels == "cudnn"
+            if compile_net:
                 configure_compile_cache(Path(self.settings.model_cache_dir) / "inductor")
             self._fast_sr[key] = accelerate_sr(
-                eager, SpeedOptions(channels_last=True, compile=self.settings.sr_compile)
+                eager, SpeedOptions(channels_last=True, compile=compile_net, kernels=kernels)
             )
+            log.info("super-resolution %s on %s: %s kernels%s", eager.name, self.device, kernels,
+                     ", compiled" if compile_net else "")  # fmt: skip
         return self._fast_sr[key]
 
     def _run_sr(self, model: SrModel, frames: np.ndarray, upscale: int, plan: TilePlan) -> np.ndarray:

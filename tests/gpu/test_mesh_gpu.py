@@ -1,4 +1,5 @@
-"""The mesh swapper's opt-in torch compositor on CUDA gives the cv2 compositor's picture.
+"""The mesh swapper's device compositors on CUDA (batched: the default there; per-face torch) give the
+cv2 compositor's picture.
 
 Run on the GPU machine: ``FACEFARM_TEST_IMAGES=<dir with t1.jpg, Tom_Hanks_54745.png>
 pytest -m gpu tests/gpu/test_mesh_gpu.py``. Its cost is in bench/RESULTS.md (slower than cv2 there).
@@ -37,16 +38,18 @@ def scene(cuda, gpu_store):
     }
 
 
-def _swappers(scene, cuda, gpu_store):
+def _swappers(scene, cuda, gpu_store, compositor):
     image, face = scene["source"]
-    on_gpu = MeshSwapper(image, face, gpu_store, cuda, smooth=False, compositor="torch")
+    on_gpu = MeshSwapper(image, face, gpu_store, cuda, smooth=False, compositor=compositor)
     reference = MeshSwapper(image, face, gpu_store, cuda, smooth=False, compositor="cv2")
     return on_gpu, reference
 
 
-def test_cuda_mesh_swap_matches_the_cpu_blend(scene, cuda, gpu_store):
-    on_gpu, reference = _swappers(scene, cuda, gpu_store)
-    assert on_gpu._compositor is not None and reference._compositor is None
+@pytest.mark.parametrize("compositor", ["batched", "torch"])
+def test_cuda_mesh_swap_matches_the_cpu_blend(scene, cuda, gpu_store, compositor):
+    on_gpu, reference = _swappers(scene, cuda, gpu_store, compositor)
+    device_side = on_gpu._batched if compositor == "batched" else on_gpu._compositor
+    assert device_side is not None and reference._compositor is None and reference._batched is None
     for frames, faces in ((scene["frames"], scene["faces"]), (scene["big"], scene["big_faces"])):
         meshes = on_gpu.track_meshes(frames, faces)
         assert sum(m is not None for row in meshes for m in row) >= 5

@@ -9,11 +9,12 @@ moved; CUDA graphs remove launch gaps for small inputs (face crops, the compact 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,11 +36,31 @@ class SpeedOptions:
     cuda_graphs: bool = False
     bucket_batches: bool = True  # pad batches to a few sizes so compiled/graphed shapes repeat
     dtype: torch.dtype | None = None  # None keeps the model's dtype
+    # "triton": the SR nets' 3x3 convs as fused Triton kernels (``fast_sr``) instead of cuDNN + torch
+    kernels: Literal["cudnn", "triton"] = "cudnn"
 
 
 def enable_fast_kernels() -> None:
-    """Let cuDNN pick the fastest convolution algorithm per shape (our shapes repeat per chunk)."""
+    """Let cuDNN time every algorithm per new conv shape and keep the fastest (process-global).
+
+    Only for processes whose shapes repeat (the SR benchmarks). The render worker leaves it off: the
+    face stage's shapes (MTCNN crop batches, the batched mesh compositor's face stacks) change with
+    every batch, and autotuning each new one made a 1080p chunk 3-5x slower (bench/RESULTS.md).
+    """
     torch.backends.cudnn.benchmark = True
+
+
+def sr_kernels(choice: str) -> Literal["cudnn", "triton"]:
+    """Resolve the ``sr_kernels`` setting: "auto" is Triton wherever the package imports (it ships with
+    PyTorch's CUDA builds), else cuDNN; asking for "triton" without it is a clear error."""
+    if choice == "cudnn":
+        return "cudnn"
+    available = importlib.util.find_spec("triton") is not None
+    if choice == "triton" and not available:
+        raise RuntimeError("FACEFARM_SR_KERNELS=triton, but the triton package is not installed")
+    if choice not in ("auto", "triton"):
+        raise ValueError(f"sr_kernels must be auto, cudnn or triton, got {choice!r}")
+    return "triton" if available else "cudnn"
 
 
 def configure_compile_cache(cache_dir: Path) -> Path:
@@ -230,13 +251,20 @@ def accelerate_module(net: nn.Module, options: SpeedOptions) -> nn.Module:
     """Wrap ``net`` (already on its device, eval, no grad) with the levers in ``options``.
 
     Converts the weights to channels_last and ``options.dtype`` in place, as the wrapped net needs.
-    Order, innermost first: compile, channels_last input, CUDA graph, batch buckets.
+    Order, innermost first: compile (or the Triton kernels), channels_last input, CUDA graph, batch buckets.
     """
     if options.dtype is not None:
         net.to(dtype=options.dtype)
     if options.channels_last:
         net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    wrapped: nn.Module = compile_module(net, mode=options.compile_mode) if options.compile else net
+    if options.kernels == "triton":
+        if options.compile:
+            raise ValueError("kernels='triton' replaces torch.compile for the SR nets; pick one")
+        from worker.models.fast_sr import create_triton_sr  # imports triton: only when asked for
+
+        wrapped: nn.Module = create_triton_sr(net)
+    else:
+        wrapped = compile_module(net, mode=options.compile_mode) if options.compile else net
     if options.channels_last:
         wrapped = ChannelsLast(wrapped)
     if options.cuda_graphs:
@@ -252,9 +280,7 @@ def accelerate_sr(model: SrModel, options: SpeedOptions | None = None) -> SrMode
     The returned model shares (and converts in place) ``model``'s weights.
     """
     options = options or SpeedOptions()
-    if model.device.type == "cuda":
-        enable_fast_kernels()
-    else:
+    if model.device.type != "cuda":
         options = replace(options, cuda_graphs=False)
     net = accelerate_module(model.net, options)
     return SrModel(

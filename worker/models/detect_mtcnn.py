@@ -2,10 +2,17 @@
 
 A re-implementation of facenet-pytorch 2.6.0's ``detect_face`` (which needs torchvision and pins
 old torch/numpy): same pyramid, same stage thresholds, same NMS semantics, batched across frames.
+
+Everything between the frames' upload and the final faces stays on the device: all pyramid scales
+are launched back to back and every NMS runs for all groups at once (``GroupNms``), so the host
+waits for the device four times per ``detect`` whatever the batch or pyramid size (five with very
+many candidates), instead of after every scale and every NMS group. On a GPU shared with other threads each such wait costs a GIL
+round trip of milliseconds. The results are those of the one-scale-at-a-time host path, bit for bit.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +26,17 @@ from worker.models.faces import Face
 
 STAGE_THRESHOLDS = (0.6, 0.7, 0.7)
 PYRAMID_FACTOR = 0.709
-# Groups of boxes this large go through the matrix NMS on a GPU (an n x n matrix each).
-GPU_NMS_MIN = 64
-GPU_NMS_MAX = 8192
+# One device NMS holds (boxes x window) pairs; beyond this many a call runs on the host (memory bound).
+DEVICE_NMS_MAX_PAIRS = 1 << 26
+# On the CPU nothing waits for a device, and numpy's greedy pass beats a large pair band.
+CPU_NMS_MAX_PAIRS = 1 << 20
+# Stage 1's cross-scale NMS spans all candidates without a sync up to this many pairs; beyond, it
+# first reads how many survived the per-scale NMS (one more sync) and spans only those.
+CROSS_NMS_BLIND_PAIRS = 1 << 25
+# Pairs whose float64 overlaps are computed at once (bounds the temporaries to 32-64 MiB each).
+_PAIR_CHUNK = 1 << 22
+# Fixed-point steps queued per device NMS before the host looks (MTCNN's suppression chains are short).
+NMS_STEPS = 8
 
 
 class PNet(nn.Module):
@@ -122,22 +137,13 @@ def load_mtcnn_nets(store: Path, device: torch.device) -> tuple[PNet, RNet, ONet
     return nets[0], nets[1], nets[2]  # type: ignore[return-value]
 
 
-def nms(
-    boxes: np.ndarray,
-    scores: np.ndarray,
-    iou_max: float,
-    *,
-    by_min: bool = False,
-    device: torch.device | None = None,
-) -> np.ndarray:
-    """Greedy NMS; ``by_min`` divides the overlap by the smaller area (MTCNN's last stage, +1 px areas).
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_max: float, *, by_min: bool = False) -> np.ndarray:
+    """Greedy NMS on the host; ``by_min`` divides the overlap by the smaller area (MTCNN's last stage, +1 px areas).
 
-    On a GPU, mid-sized groups use an exact matrix form of the same greedy pass (see below).
+    The reference semantics: ``GroupNms`` computes the same on the device for many groups at once.
     """
     if len(boxes) == 0:
         return np.zeros(0, dtype=np.int64)
-    if device is not None and device.type == "cuda" and GPU_NMS_MIN <= len(boxes) <= GPU_NMS_MAX:
-        return nms_matrix(boxes, scores, iou_max, by_min, device)
     x1, y1, x2, y2 = (boxes[:, i].astype(np.float64) for i in range(4))
     extra = 1.0 if by_min else 0.0
     area = (x2 - x1 + extra) * (y2 - y1 + extra)
@@ -158,67 +164,180 @@ def nms(
     return np.asarray(keep, dtype=np.int64)
 
 
-def nms_matrix(
-    boxes: np.ndarray, scores: np.ndarray, iou_max: float, by_min: bool, device: torch.device
-) -> np.ndarray:
-    """Greedy NMS as a fixed point: box i survives iff no surviving higher-scored box overlaps it.
-
-    Iterating ``keep = not any(keep[j] and overlaps[j, i] for j before i)`` from all-kept reaches
-    that unique solution (the greedy one) in as many steps as the longest suppression chain, each
-    one matrix product on the GPU instead of one Python step per kept box.
-    """
-    order = np.argsort(-scores, kind="stable")
-    b = torch.from_numpy(boxes[order].astype(np.float64)).to(device)
-    x1, y1, x2, y2 = b.unbind(1)
-    extra = 1.0 if by_min else 0.0
-    area = (x2 - x1 + extra) * (y2 - y1 + extra)
-    w = (torch.minimum(x2[:, None], x2[None]) - torch.maximum(x1[:, None], x1[None]) + extra).clamp(min=0)
-    h = (torch.minimum(y2[:, None], y2[None]) - torch.maximum(y1[:, None], y1[None]) + extra).clamp(min=0)
-    inter = w * h
-    if by_min:
-        overlap = inter / torch.minimum(area[:, None], area[None])
-    else:
-        overlap = inter / (area[:, None] + area[None] - inter)
-    overlap = torch.nan_to_num(overlap, nan=float("inf"))  # numpy's "nan <= t" is False: suppressed
-    suppresses = (overlap > iou_max).triu(1).float()  # [j, i]: j (higher score) suppresses i
-    keep = torch.ones(len(order), device=device)
-    for _ in range(len(order)):
-        new = ((keep @ suppresses) == 0).float()
-        if torch.equal(new, keep):
-            break
-        keep = new
-    return order[keep.bool().cpu().numpy()]
-
-
 def batched_nms(
-    boxes: np.ndarray,
-    scores: np.ndarray,
-    groups: np.ndarray,
-    iou_max: float,
-    *,
-    by_min: bool = False,
-    device: torch.device | None = None,
+    boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray, iou_max: float, *, by_min: bool = False
 ) -> np.ndarray:
-    """NMS independently per group (image, or image and scale); indices sorted ascending.
-
-    One greedy pass per group keeps the cost linear in the number of groups (frames in a batch).
-    """
+    """NMS independently per group (image, or image and scale) on the host; indices sorted ascending."""
     if len(boxes) == 0:
         return np.zeros(0, dtype=np.int64)
     keep = [
-        members[nms(boxes[members], scores[members], iou_max, by_min=by_min, device=device)]
+        members[nms(boxes[members], scores[members], iou_max, by_min=by_min)]
         for members in (np.flatnonzero(groups == g) for g in np.unique(groups))
     ]
     return np.sort(np.concatenate(keep))
 
 
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host array to the device without a sync: a blocking copy from pageable memory waits for the stream."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cpu":
+        return tensor
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def _fetch(*parts: torch.Tensor) -> list[np.ndarray]:
+    """Several device tensors in one device-to-host copy: one sync, not one each (values as float64)."""
+    flat = torch.cat([p.reshape(-1).to(torch.float64) for p in parts]).cpu().numpy()
+    sizes = np.cumsum([p.numel() for p in parts])[:-1]
+    return [a.reshape(p.shape) for a, p in zip(np.split(flat, sizes), parts, strict=True)]
+
+
+def _nth_true(cumsum: torch.Tensor, count: int) -> torch.Tensor:
+    """Ascending indices of the ``count`` True entries behind ``cumsum``: ``nonzero`` without its sync."""
+    return torch.searchsorted(cumsum, torch.arange(1, count + 1, device=cumsum.device))
+
+
+def _per_image(image: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
+    """How many entries of ``mask`` each of ``n`` images has, on the device."""
+    return torch.zeros(n, dtype=torch.int64, device=image.device).index_add_(0, image, mask.long())
+
+
+def _host_group_nms(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    groups: torch.Tensor,
+    active: torch.Tensor,
+    iou_max: float,
+    by_min: bool,
+) -> torch.Tensor:
+    """The host's ``batched_nms`` over the active boxes, as a device mask (pathological candidate counts)."""
+    b, s, g, a = _fetch(boxes, scores, groups, active)
+    members = np.flatnonzero(a)
+    keep = np.zeros(len(b), dtype=bool)
+    keep[
+        members[batched_nms(b[members], s[members], g[members].astype(np.int64), iou_max, by_min=by_min)]
+    ] = True
+    return _to_device(keep, boxes.device)
+
+
+def _suppression_band(
+    boxes: torch.Tensor, groups: torch.Tensor, window: int, iou_max: float, by_min: bool
+) -> torch.Tensor:
+    """(n, window) bool: [p, c] is True iff box p - window + c, of p's group, overlaps box p over ``iou_max``.
+
+    ``boxes`` (float64) and ``groups`` are in suppression order. The arithmetic is ``nms``'s, operation
+    for operation in float64, so every comparison with ``iou_max`` comes out the same.
+    """
+    n = len(boxes)
+    extra = 1.0 if by_min else 0.0
+    x1, y1, x2, y2 = boxes[:, :4].unbind(1)
+    area = (x2 - x1 + extra) * (y2 - y1 + extra)
+    values = torch.cat([boxes[:, :4], area[:, None]], 1)  # x1, y1, x2, y2, area
+    padded = torch.cat([values.new_zeros(window, 5), values])
+    padded_groups = torch.cat([groups.new_full((window,), -1), groups])
+    band = torch.empty((n, window), dtype=torch.bool, device=boxes.device)
+    rows = max(1, _PAIR_CHUNK // window)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        prev = padded[r0 : r1 + window - 1].unfold(0, window, 1)  # (rows, 5, window): the earlier boxes
+        cur = values[r0:r1, :, None]
+        wh = torch.minimum(prev[:, 2:4], cur[:, 2:4]).sub_(torch.maximum(prev[:, 0:2], cur[:, 0:2]))
+        if by_min:
+            wh += extra
+        wh.clamp_(min=0.0)
+        inter = wh[:, 0] * wh[:, 1]
+        if by_min:
+            overlap = inter.div_(torch.minimum(prev[:, 4], cur[:, 4]))
+        else:
+            overlap = inter / (prev[:, 4] + cur[:, 4]).sub_(inter)
+        same = padded_groups[r0 : r1 + window - 1].unfold(0, window, 1) == groups[r0:r1, None]
+        # "not <=" rather than ">": a NaN overlap (0/0) suppresses, as numpy's filter does in nms.
+        band[r0:r1] = (overlap <= iou_max).logical_not_().logical_and_(same)
+    return band
+
+
+class GroupNms:
+    """Exact greedy NMS of many groups at once on the device, queued without host syncs.
+
+    Boxes are sorted by (group, score descending, index): ``nms``'s stable order inside each group,
+    so the possible suppressors of a box are the ``window`` boxes just before it. A box survives iff
+    it is active and no surviving earlier box of its group overlaps it more than ``iou_max``;
+    iterating that rule from "every active box survives" reaches its unique solution, the greedy
+    one, in as many steps as the longest suppression chain (a few in MTCNN). Steps are queued blind:
+    ``converged`` is a device flag for the caller's next sync, and ``settle`` finishes a longer chain.
+    Bands over ``DEVICE_NMS_MAX_PAIRS`` pairs (``CPU_NMS_MAX_PAIRS`` on the CPU) run ``batched_nms`` instead.
+    """
+
+    def __init__(
+        self,
+        boxes: torch.Tensor,
+        scores: torch.Tensor,
+        groups: torch.Tensor,
+        active: torch.Tensor | None,
+        iou_max: float,
+        *,
+        by_min: bool = False,
+        max_group: int,
+    ) -> None:
+        n = len(boxes)
+        dev = boxes.device
+        active = torch.ones(n, dtype=torch.bool, device=dev) if active is None else active
+        self.window = max(int(max_group) - 1, 0)
+        self.converged = torch.ones((), dtype=torch.bool, device=dev)
+        self._keep: torch.Tensor | None = active
+        if self.window == 0:
+            return
+        if n * self.window > (CPU_NMS_MAX_PAIRS if dev.type == "cpu" else DEVICE_NMS_MAX_PAIRS):
+            self._keep = _host_group_nms(boxes, scores, groups, active, iou_max, by_min)
+            self.window = 0
+            return
+        order = torch.sort(scores, descending=True, stable=True).indices
+        self._order = order[torch.sort(groups[order], stable=True).indices]
+        self._active = active[self._order]
+        # kept[window + p]: does box p (in suppression order) survive; the front padding never does.
+        self._kept = torch.cat([torch.zeros(self.window, dtype=torch.bool, device=dev), self._active])
+        self._band = _suppression_band(
+            boxes[self._order].double(), groups[self._order], self.window, iou_max, by_min
+        )
+
+    def step(self, steps: int | None = None) -> GroupNms:
+        """Queue ``steps`` fixed-point steps (``NMS_STEPS``); ``converged``: the last one changed nothing."""
+        if self.window == 0:
+            return self
+        w = self.window
+        kept = self._kept[w:]
+        before = self._kept.unfold(0, w, 1)[: len(kept)]  # [p, c]: does box p - w + c survive
+        for _ in range((NMS_STEPS if steps is None else steps) - 1):
+            torch.gt(self._active, (self._band & before).any(1), out=kept)
+        new = torch.gt(self._active, (self._band & before).any(1))
+        self.converged = (new == kept).all()
+        kept.copy_(new)
+        self._keep = None
+        return self
+
+    def settle(self) -> None:
+        """Step until converged, reading the flag each time: only for chains longer than the queued steps."""
+        while not bool(self.converged):
+            self.step()
+
+    def keep(self) -> torch.Tensor:
+        """The survivors as a mask in the input order (final once ``converged``)."""
+        if self._keep is None:
+            kept = self._kept[self.window :]
+            self._keep = torch.zeros_like(kept)
+            self._keep[self._order] = kept
+        return self._keep
+
+
 def area_resize_boxes(
     integral: torch.Tensor,
-    image_inds: np.ndarray,
-    x0: np.ndarray,
-    y0: np.ndarray,
-    x1: np.ndarray,
-    y1: np.ndarray,
+    image_inds: torch.Tensor,
+    x0: torch.Tensor,
+    y0: torch.Tensor,
+    x1: torch.Tensor,
+    y1: torch.Tensor,
     size: int,
 ) -> torch.Tensor:
     """``F.interpolate(crop, (size, size), mode="area")`` of many crops at once, from an integral image.
@@ -226,20 +345,20 @@ def area_resize_boxes(
     Area mode is adaptive average pooling: output bin i averages input rows
     [floor(i*h/size), ceil((i+1)*h/size)). ``integral`` is the (N,3,H+1,W+1) int64 summed-area
     table, so every bin is four look-ups, exact in integers, with no per-crop kernel launches.
+    The crop corners are int64 tensors on ``integral``'s device.
     """
-    dev = integral.device
-    i = torch.arange(size, device=dev)
+    i = torch.arange(size, device=integral.device)
 
-    def bins(start: np.ndarray, stop: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        lo = torch.from_numpy(start).to(dev)[:, None]
-        n = torch.from_numpy(stop - start).to(dev)[:, None]
+    def bins(start: torch.Tensor, stop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lo = start[:, None]
+        n = (stop - start)[:, None]
         first = lo + torch.div(i * n, size, rounding_mode="floor")
         last = lo + torch.div((i + 1) * n + size - 1, size, rounding_mode="floor")
         return first, last
 
     rs, re = bins(y0, y1)  # (K, size)
     cs, ce = bins(x0, x1)
-    b = torch.from_numpy(image_inds).to(dev)[:, None, None]
+    b = image_inds[:, None, None]
     sat = integral.permute(0, 2, 3, 1)  # (N, H+1, W+1, 3)
     total = (
         sat[b, re[:, :, None], ce[:, None, :]]
@@ -251,32 +370,174 @@ def area_resize_boxes(
     return (total.float() / count.float()).permute(0, 3, 1, 2)
 
 
-def _rerec(boxes: np.ndarray) -> np.ndarray:
-    """Make boxes square around their centres (columns 0..3)."""
-    out = boxes.copy()
-    h = out[:, 3] - out[:, 1]
-    w = out[:, 2] - out[:, 0]
-    side = np.maximum(w, h)
-    out[:, 0] = out[:, 0] + w * 0.5 - side * 0.5
-    out[:, 1] = out[:, 1] + h * 0.5 - side * 0.5
-    out[:, 2] = out[:, 0] + side
-    out[:, 3] = out[:, 1] + side
-    return out
+def crop_bounds(
+    boxes: torch.Tensor, h: int, w: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """0-based crop corners x0, y0, x1, y1 of float boxes clipped to the frame, and which crops are non-empty.
+
+    Truncated toward zero and 1-based like the original MATLAB code.
+    """
+    b = boxes[:, :4].trunc().long()
+    x = b[:, 0].clamp(min=1)
+    y = b[:, 1].clamp(min=1)
+    ex = b[:, 2].clamp(max=w)
+    ey = b[:, 3].clamp(max=h)
+    return x - 1, y - 1, ex, ey, (ey > y - 1) & (ex > x - 1)
 
 
-def _bbreg(boxes: np.ndarray, reg: np.ndarray) -> np.ndarray:
-    out = boxes.copy()
-    w = out[:, 2] - out[:, 0] + 1
-    h = out[:, 3] - out[:, 1] + 1
-    out[:, 0] += reg[:, 0] * w
-    out[:, 1] += reg[:, 1] * h
-    out[:, 2] += reg[:, 2] * w
-    out[:, 3] += reg[:, 3] * h
-    return out
+def rerec(boxes: torch.Tensor) -> torch.Tensor:
+    """Make boxes square around their centres (columns 0..3; other columns kept)."""
+    h = boxes[:, 3] - boxes[:, 1]
+    w = boxes[:, 2] - boxes[:, 0]
+    side = torch.maximum(w, h)
+    x1 = boxes[:, 0] + w * 0.5 - side * 0.5
+    y1 = boxes[:, 1] + h * 0.5 - side * 0.5
+    return torch.cat([torch.stack([x1, y1, x1 + side, y1 + side], 1), boxes[:, 4:]], 1)
+
+
+def bbreg(boxes: torch.Tensor, reg: torch.Tensor) -> torch.Tensor:
+    """Move box edges by the regression outputs, in units of the (+1 px) box size."""
+    w = boxes[:, 2] - boxes[:, 0] + 1
+    h = boxes[:, 3] - boxes[:, 1] + 1
+    edges = torch.stack(
+        [
+            boxes[:, 0] + reg[:, 0] * w,
+            boxes[:, 1] + reg[:, 1] * h,
+            boxes[:, 2] + reg[:, 2] * w,
+            boxes[:, 3] + reg[:, 3] * h,
+        ],
+        1,
+    )
+    return torch.cat([edges, boxes[:, 4:]], 1)
+
+
+def pyramid_scales(h: int, w: int, min_face_px: int) -> list[float]:
+    """P-Net's image pyramid: scales from ``12 / min_face_px`` down while the short side stays >= 12 px."""
+    m = 12.0 / min_face_px
+    min_side = min(h, w) * m
+    scales: list[float] = []
+    scale = m
+    while min_side >= 12:
+        scales.append(scale)
+        scale *= PYRAMID_FACTOR
+        min_side *= PYRAMID_FACTOR
+    return scales
+
+
+@dataclass
+class Candidates:
+    """Boxes between stages, on the device: (k, 5) float64 x1,y1,x2,y2,score, their images, per-image counts."""
+
+    boxes: torch.Tensor
+    image: torch.Tensor
+    per_image: np.ndarray
+
+    @classmethod
+    def select(
+        cls, boxes: torch.Tensor, image: torch.Tensor, mask: torch.Tensor, per_image: np.ndarray
+    ) -> Candidates:
+        """The entries of ``mask`` (whose per-image counts the host already read), order kept."""
+        idx = _nth_true(mask.cumsum(0), int(per_image.sum()))
+        return cls(boxes[idx], image[idx], per_image.astype(np.int64))
+
+
+def _pyramid_nms(
+    boxes: torch.Tensor,
+    score: torch.Tensor,
+    scale_idx: torch.Tensor,
+    image: torch.Tensor,
+    counts: np.ndarray,
+    valid: torch.Tensor,
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Stage 1's NMS: 0.5 per (scale, image), then 0.7 per image across scales, over all candidates at once.
+
+    Returns the survivors that are also ``valid`` and their count per image, read in one sync. The
+    cross-scale pass runs blind over every candidate (the per-scale pass's losers inactive) unless
+    that band would exceed ``CROSS_NMS_BLIND_PAIRS``: then one more sync first counts the per-scale
+    survivors, and the band spans only them.
+    """
+    n = counts.shape[1]
+    per_scale = GroupNms(boxes, score, scale_idx * n + image, None, 0.5, max_group=int(counts.max())).step()
+
+    def cross_scale() -> tuple[GroupNms, torch.Tensor | None]:
+        if len(boxes) * int(counts.sum(0).max()) <= CROSS_NMS_BLIND_PAIRS:
+            active = per_scale.keep()
+            return GroupNms(boxes, score, image, active, 0.7, max_group=int(counts.sum(0).max())).step(), None
+        flag, alive = _fetch(per_scale.converged, _per_image(image, per_scale.keep(), n))
+        if not flag:
+            per_scale.settle()
+            (alive,) = _fetch(_per_image(image, per_scale.keep(), n))
+        idx = _nth_true(per_scale.keep().cumsum(0), int(alive.sum()))
+        return GroupNms(boxes[idx], score[idx], image[idx], None, 0.7, max_group=int(alive.max())).step(), idx
+
+    def survivors(cross: GroupNms, idx: torch.Tensor | None) -> torch.Tensor:
+        if idx is None:
+            return cross.keep() & valid
+        keep = torch.zeros_like(valid)
+        keep[idx] = cross.keep()
+        return keep & valid
+
+    cross, idx = cross_scale()
+    keep = survivors(cross, idx)
+    flags, per_image = _fetch(torch.stack([per_scale.converged, cross.converged]), _per_image(image, keep, n))
+    if not flags.all():  # a suppression chain longer than NMS_STEPS: finish step by step
+        if not flags[0]:
+            per_scale.settle()
+            cross, idx = cross_scale()
+        cross.settle()
+        keep = survivors(cross, idx)
+        (per_image,) = _fetch(_per_image(image, keep, n))
+    return keep, per_image
+
+
+class PyramidCells:
+    """P-Net's outputs for every (scale, image, y, x) cell of a batch, flattened in that order.
+
+    ``values`` is (5, cells): box regression x1, y1, x2, y2 and face probability. The corners of a
+    cell's box are computed per scale exactly as facenet-pytorch does (a float32 division by the
+    scale), into small tables that ``boxes`` gathers from.
+    """
+
+    def __init__(
+        self, values: torch.Tensor, scales: list[float], shapes: list[tuple[int, int]], n: int
+    ) -> None:
+        dev = values.device
+        self.values = values
+        v = torch.arange(max(max(s) for s in shapes), device=dev, dtype=values.dtype)
+        base = torch.stack([2 * v + 1, 2 * v + 12])  # stride 2, cell 12 px
+        self.corners = torch.stack(
+            [base / scale for scale in scales]
+        ).floor_()  # (scale, start/end, position)
+        hw = np.array([hs * ws for hs, ws in shapes], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(n * hw)])
+        ws = np.array([s[1] for s in shapes], dtype=np.int64)
+        ends = (starts[:-1, None] + hw[:, None] * np.arange(1, n + 1)).reshape(-1)
+        meta = _to_device(np.concatenate([starts, ws, hw, ends]), dev)
+        k = len(scales)
+        self._starts, self._ws, self._hw = meta[:k], meta[k + 1 : 2 * k + 1], meta[2 * k + 1 : 3 * k + 1]
+        self._scale_ends = meta[1 : k + 1]
+        self.group_ends = meta[3 * k + 1 :]  # one past the last cell of each (scale, image)
+
+    def boxes(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(k, 4) float64 boxes, scale indices and images of the cells at ``flat`` indices."""
+        s = torch.bucketize(flat, self._scale_ends, right=True)
+        local = flat - self._starts[s]
+        image = torch.div(local, self._hw[s], rounding_mode="floor")
+        rest = local - image * self._hw[s]
+        y = torch.div(rest, self._ws[s], rounding_mode="floor")
+        x = rest - y * self._ws[s]
+        cx, cy = self.corners[s, :, x], self.corners[s, :, y]  # (k, start/end)
+        return torch.stack([cx[:, 0], cy[:, 0], cx[:, 1], cy[:, 1]], 1).double(), s, image
 
 
 class MtcnnDetector:
-    """Detects faces and 5 landmarks in batches of same-size RGB frames."""
+    """Detects faces and 5 landmarks in batches of same-size RGB frames.
+
+    All candidates of all frames and pyramid scales stay on the device between stages; the host
+    reads a few counts between stages (four device-to-host syncs per ``detect``, whatever the batch).
+    The crops go through R-Net and O-Net in the same ``crop_batch`` chunks as ever, so their sums
+    and results stay the same.
+    """
 
     name = "mtcnn"
 
@@ -303,147 +564,118 @@ class MtcnnDetector:
         n, h, w = frames.shape[:3]
         if n == 0:
             return []
-        raw = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
-        imgs = raw.permute(0, 3, 1, 2).float()
-
-        boxes, image_inds = self._stage1(imgs, h, w)
-        points = np.zeros((0, 5, 2), dtype=np.float64)
-        if len(boxes):
-            integral = F.pad(raw.permute(0, 3, 1, 2).long().cumsum(2).cumsum(3), (1, 0, 1, 0))
-            boxes, image_inds = self._stage2(integral, boxes, image_inds, h, w)
-            if len(boxes):
-                boxes, image_inds, points = self._stage3(integral, boxes, image_inds, h, w)
-
+        raw = _to_device(frames, self.device)
+        found = self._stage1(raw.permute(0, 3, 1, 2).float(), h, w)
         out: list[list[Face]] = [[] for _ in range(n)]
-        for k in range(len(boxes)):
-            if boxes[k, 4] < self.threshold:
+        if found is None:
+            return out
+        integral = F.pad(raw.permute(0, 3, 1, 2).long().cumsum(2).cumsum(3), (1, 0, 1, 0))
+        found = self._stage2(integral, found, h, w)
+        if found is None:
+            return out
+        for row in self._stage3(integral, found, h, w):
+            if row[4] < self.threshold:
                 continue
-            out[int(image_inds[k])].append(
+            out[int(row[15])].append(
                 Face(
-                    box=boxes[k, :4].astype(np.float32),
-                    score=float(boxes[k, 4]),
-                    landmarks=points[k].astype(np.float32),
+                    box=row[:4].astype(np.float32),
+                    score=float(row[4]),
+                    landmarks=np.stack([row[5:10], row[10:15]], axis=1).astype(np.float32),
                 )
             )
         for faces in out:
             faces.sort(key=lambda f: -f.area_px)
         return out
 
-    def _stage1(self, imgs: torch.Tensor, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-        m = 12.0 / self.min_face_px
-        min_side = min(h, w) * m
-        scales: list[float] = []
-        scale = m
-        while min_side >= 12:
-            scales.append(scale)
-            scale *= PYRAMID_FACTOR
-            min_side *= PYRAMID_FACTOR
-
-        all_boxes: list[np.ndarray] = []
-        all_inds: list[np.ndarray] = []
-        for scale in scales:
+    def _stage1(self, imgs: torch.Tensor, h: int, w: int) -> Candidates | None:
+        """P-Net over the whole pyramid, then per-(image, scale) NMS 0.5 and per-image NMS 0.7: two syncs."""
+        n = imgs.shape[0]
+        scales = pyramid_scales(h, w, self.min_face_px)
+        if not scales:
+            return None
+        maps: list[torch.Tensor] = []
+        shapes: list[tuple[int, int]] = []
+        for scale in scales:  # launched back to back: nothing here waits for the device
             size = (int(h * scale + 1), int(w * scale + 1))
             data = (F.interpolate(imgs, size=size, mode="area") - 127.5) * 0.0078125
             reg, probs = self.pnet(data)
-            boxes_s, inds_s = self._generate_boxes(reg, probs[:, 1], scale, STAGE_THRESHOLDS[0])
-            pick = batched_nms(boxes_s[:, :4], boxes_s[:, 4], inds_s, 0.5, device=self.device)
-            all_boxes.append(boxes_s[pick])
-            all_inds.append(inds_s[pick])
-        if not all_boxes:
-            return np.zeros((0, 9)), np.zeros(0, dtype=np.int64)
-        boxes = np.concatenate(all_boxes)
-        inds = np.concatenate(all_inds)
-        pick = batched_nms(boxes[:, :4], boxes[:, 4], inds, 0.7, device=self.device)
-        boxes, inds = boxes[pick], inds[pick]
+            maps.append(torch.cat([reg, probs[:, 1:]], 1).transpose(0, 1).reshape(5, -1))
+            shapes.append((int(probs.shape[2]), int(probs.shape[3])))
+        cells = PyramidCells(torch.cat(maps, 1), scales, shapes, n)
 
+        cumsum = (cells.values[4] >= STAGE_THRESHOLDS[0]).cumsum(0)
+        (at_ends,) = _fetch(cumsum[cells.group_ends - 1])  # sync 1: candidates per (scale, image)
+        counts = np.diff(at_ends.astype(np.int64), prepend=0).reshape(len(scales), n)
+        if counts.sum() == 0:
+            return None
+        flat = _nth_true(cumsum, int(counts.sum()))
+        boxes, scale_idx, image = cells.boxes(flat)
+        reg = cells.values[:4, flat].T.double()
+        score = cells.values[4, flat]
         regw = boxes[:, 2] - boxes[:, 0]
         regh = boxes[:, 3] - boxes[:, 1]
-        refined = np.stack(
-            [
-                boxes[:, 0] + boxes[:, 5] * regw,
-                boxes[:, 1] + boxes[:, 6] * regh,
-                boxes[:, 2] + boxes[:, 7] * regw,
-                boxes[:, 3] + boxes[:, 8] * regh,
-                boxes[:, 4],
-            ],
-            axis=1,
-        )
-        return _rerec(refined), inds
+        edges = [boxes[:, i] + reg[:, i] * (regw if i % 2 == 0 else regh) for i in range(4)]
+        refined = rerec(torch.stack([*edges, score.double()], 1))
+        valid = crop_bounds(refined, h, w)[4]
 
-    @staticmethod
-    def _generate_boxes(
-        reg: torch.Tensor, probs: torch.Tensor, scale: float, thresh: float
-    ) -> tuple[np.ndarray, np.ndarray]:
-        stride, cell = 2, 12
-        mask = probs >= thresh
-        idx = mask.nonzero()
-        score = probs[mask]
-        reg_sel = reg.permute(1, 0, 2, 3)[:, mask].permute(1, 0)
-        bb = idx[:, 1:].to(reg.dtype).flip(1)  # (x, y) cell positions
-        q1 = ((stride * bb + 1) / scale).floor()
-        q2 = ((stride * bb + cell) / scale).floor()
-        boxes = torch.cat([q1, q2, score[:, None], reg_sel], dim=1)
-        return boxes.double().cpu().numpy(), idx[:, 0].cpu().numpy()
+        keep, per_image = _pyramid_nms(boxes, score, scale_idx, image, counts, valid)  # sync 2 (3 if many)
+        if per_image.sum() == 0:
+            return None
+        return Candidates.select(refined, image, keep, per_image)
 
-    def _crops(
-        self, integral: torch.Tensor, boxes: np.ndarray, inds: np.ndarray, h: int, w: int, size: int
-    ) -> tuple[torch.Tensor, np.ndarray]:
-        """Cut and area-resize each box (clipped to the frame, 1-based like the original)."""
-        b = np.trunc(boxes[:, :4]).astype(np.int64)
-        x = np.maximum(b[:, 0], 1)
-        y = np.maximum(b[:, 1], 1)
-        ex = np.minimum(b[:, 2], w)
-        ey = np.minimum(b[:, 3], h)
-        valid = (ey > y - 1) & (ex > x - 1)
-        if not valid.any():
-            return torch.zeros((0, 3, size, size), device=integral.device), valid
-        parts = []
-        idx = np.flatnonzero(valid)
-        for start in range(0, len(idx), self.crop_batch):
-            k = idx[start : start + self.crop_batch]
-            parts.append(area_resize_boxes(integral, inds[k], x[k] - 1, y[k] - 1, ex[k], ey[k], size))
-        return (torch.cat(parts) - 127.5) * 0.0078125, valid
-
-    def _run_batched(self, net: nn.Module, data: torch.Tensor) -> list[np.ndarray]:
-        outs: list[list[torch.Tensor]] = []
-        for start in range(0, len(data), self.crop_batch):
-            res = net(data[start : start + self.crop_batch])
-            outs.append(list(res))
-        return [torch.cat([o[i] for o in outs]).double().cpu().numpy() for i in range(len(outs[0]))]
-
-    def _stage2(
-        self, integral: torch.Tensor, boxes: np.ndarray, inds: np.ndarray, h: int, w: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        data, valid = self._crops(integral, boxes, inds, h, w, 24)
-        boxes, inds = boxes[valid], inds[valid]
-        if len(boxes) == 0:
-            return boxes, inds
-        reg, probs = self._run_batched(self.rnet, data)
-        score = probs[:, 1]
+    def _stage2(self, integral: torch.Tensor, cand: Candidates, h: int, w: int) -> Candidates | None:
+        """R-Net on every candidate's crop, then per-image NMS 0.7: one sync."""
+        reg, probs = self._run_batched(self.rnet, self._crops(integral, cand, h, w, 24))
+        score = probs[:, 1].double()
+        boxes = torch.cat([cand.boxes[:, :4], score[:, None]], 1)
         ok = score > STAGE_THRESHOLDS[1]
-        boxes = np.concatenate([boxes[ok, :4], score[ok, None]], axis=1)
-        inds, reg = inds[ok], reg[ok]
-        pick = batched_nms(boxes[:, :4], boxes[:, 4], inds, 0.7, device=self.device)
-        boxes, inds, reg = boxes[pick], inds[pick], reg[pick]
-        return _rerec(_bbreg(boxes, reg)), inds
+        nms = GroupNms(boxes, score, cand.image, ok, 0.7, max_group=int(cand.per_image.max())).step()
+        refined = rerec(bbreg(boxes, reg.double()))
+        valid = crop_bounds(refined, h, w)[4]
+        n = len(cand.per_image)
+        flag, per_image = _fetch(nms.converged, _per_image(cand.image, nms.keep() & valid, n))  # sync 3
+        if not flag:
+            nms.settle()
+            (per_image,) = _fetch(_per_image(cand.image, nms.keep() & valid, n))
+        if per_image.sum() == 0:
+            return None
+        return Candidates.select(refined, cand.image, nms.keep() & valid, per_image)
 
-    def _stage3(
-        self, integral: torch.Tensor, boxes: np.ndarray, inds: np.ndarray, h: int, w: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        data, valid = self._crops(integral, boxes, inds, h, w, 48)
-        boxes, inds = boxes[valid], inds[valid]
-        if len(boxes) == 0:
-            return boxes, inds, np.zeros((0, 5, 2))
-        reg, pts, probs = self._run_batched(self.onet, data)
-        score = probs[:, 1]
+    def _stage3(self, integral: torch.Tensor, cand: Candidates, h: int, w: int) -> np.ndarray:
+        """O-Net on every candidate's crop, then per-image NMS 0.7 over the smaller area: one sync.
+
+        Host rows of the survivors: x1, y1, x2, y2, score, 5 landmark x, 5 landmark y, image.
+        """
+        reg, pts, probs = self._run_batched(self.onet, self._crops(integral, cand, h, w, 48))
+        score = probs[:, 1].double()
+        b = cand.boxes
+        pts = pts.double()
+        px = (b[:, 2] - b[:, 0] + 1)[:, None] * pts[:, :5] + b[:, 0:1] - 1
+        py = (b[:, 3] - b[:, 1] + 1)[:, None] * pts[:, 5:10] + b[:, 1:2] - 1
+        boxes = bbreg(torch.cat([b[:, :4], score[:, None]], 1), reg.double())
         ok = score > STAGE_THRESHOLDS[2]
-        boxes = np.concatenate([boxes[ok, :4], score[ok, None]], axis=1)
-        inds, reg, pts = inds[ok], reg[ok], pts[ok]
-        bw = boxes[:, 2] - boxes[:, 0] + 1
-        bh = boxes[:, 3] - boxes[:, 1] + 1
-        px = bw[:, None] * pts[:, :5] + boxes[:, 0:1] - 1
-        py = bh[:, None] * pts[:, 5:10] + boxes[:, 1:2] - 1
-        points = np.stack([px, py], axis=2)
-        boxes = _bbreg(boxes, reg)
-        pick = batched_nms(boxes[:, :4], boxes[:, 4], inds, 0.7, by_min=True, device=self.device)
-        return boxes[pick], inds[pick], points[pick]
+        nms = GroupNms(
+            boxes, score, cand.image, ok, 0.7, by_min=True, max_group=int(cand.per_image.max())
+        ).step()
+        rows = torch.cat([boxes, px, py, cand.image[:, None].double()], 1)
+        flag, keep, host_rows = _fetch(nms.converged, nms.keep(), rows)  # sync 4
+        if not flag:
+            nms.settle()
+            (keep,) = _fetch(nms.keep())
+        return host_rows[keep.astype(bool)]
+
+    def _crops(self, integral: torch.Tensor, cand: Candidates, h: int, w: int, size: int) -> torch.Tensor:
+        """Area-resized crops of every candidate (none is empty: ``Candidates.select`` dropped those)."""
+        x0, y0, x1, y1, _ = crop_bounds(cand.boxes, h, w)
+        step = self.crop_batch
+        parts = [
+            area_resize_boxes(integral, cand.image[k : k + step], x0[k : k + step], y0[k : k + step],
+                              x1[k : k + step], y1[k : k + step], size)
+            for k in range(0, len(x0), step)
+        ]  # fmt: skip
+        return (torch.cat(parts) - 127.5) * 0.0078125
+
+    def _run_batched(self, net: nn.Module, data: torch.Tensor) -> list[torch.Tensor]:
+        """The net in chunks of ``crop_batch`` (the same batches as always, so the same kernels and sums)."""
+        outs = [list(net(data[k : k + self.crop_batch])) for k in range(0, len(data), self.crop_batch)]
+        return [torch.cat([o[i] for o in outs]) for i in range(len(outs[0]))]

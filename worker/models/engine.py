@@ -57,8 +57,11 @@ def create_swapper(
     device: torch.device,
     *,
     arcface: ArcFaceEmbedder | None = None,
+    mesh_compositor: str = "auto",
 ) -> Swapper:
-    """Build the named swapper; ``mesh`` is imported lazily (it lives in its own package)."""
+    """Build the named swapper; ``mesh`` is imported lazily (it lives in its own package).
+
+    ``mesh_compositor`` picks where the mesh swapper blends (``MeshSwapper``'s ``compositor``)."""
     if name == "classic":
         from worker.models.swap_classic import ClassicSwapper
 
@@ -74,7 +77,7 @@ def create_swapper(
             raise UnknownModelError(
                 f"the mesh swapper is not available in this installation ({exc}); use --swapper classic"
             ) from exc
-        return MeshSwapper(source.image, source.face, store, device)  # type: ignore[return-value]
+        return MeshSwapper(source.image, source.face, store, device, compositor=mesh_compositor)  # type: ignore[arg-type,return-value]
     raise UnknownModelError(f"unknown swapper {name!r}; choose one of {', '.join(SWAPPER_NAMES)}")
 
 
@@ -96,6 +99,7 @@ class FaceEngine:
         detector: str = "mtcnn",
         enhance_size_px: int = 512,
         smoothing: bool = True,
+        mesh_compositor: str = "auto",
     ) -> None:
         if swapper_name not in SWAPPER_NAMES:
             raise UnknownModelError(
@@ -117,7 +121,14 @@ class FaceEngine:
             reference_distance=reference_distance,
             embedder=arcface,
         )
-        self.swapper = create_swapper(swapper_name, self.source, self.store, self.device, arcface=arcface)
+        self.swapper = create_swapper(
+            swapper_name,
+            self.source,
+            self.store,
+            self.device,
+            arcface=arcface,
+            mesh_compositor=mesh_compositor,
+        )
         # The mesh swapper tracks and smooths on its own, so it must see the warm-up frames too.
         self._swap_warmup = swapper_name == "mesh"
         self.smoother = FaceSmoother() if smoothing else None

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from shared.errors import ModelStoreError
-from worker.models.detect_mtcnn import MtcnnDetector, batched_nms, nms, nms_matrix
+from worker.models.detect_mtcnn import MtcnnDetector, batched_nms, nms
 
 
 def test_t1_has_exactly_six_faces_at_default_threshold(detector: MtcnnDetector, t1_rgb: np.ndarray) -> None:
@@ -56,15 +55,3 @@ def test_nms_keeps_the_best_of_overlapping_boxes_per_group() -> None:
 def test_missing_weights_raise_model_store_error(tmp_path) -> None:
     with pytest.raises(ModelStoreError, match="pnet.pt"):
         MtcnnDetector(tmp_path, "cpu")
-
-
-@pytest.mark.parametrize("by_min", [False, True])
-def test_matrix_nms_equals_the_greedy_pass(by_min: bool) -> None:
-    rng = np.random.default_rng(11)
-    xy = rng.uniform(0, 200, (400, 2))
-    wh = rng.uniform(5, 60, (400, 2))
-    boxes = np.concatenate([xy, xy + wh], axis=1)
-    scores = rng.uniform(0, 1, 400)
-    greedy = np.sort(nms(boxes, scores, 0.5, by_min=by_min))
-    matrix = np.sort(nms_matrix(boxes, scores, 0.5, by_min, torch.device("cpu")))
-    np.testing.assert_array_equal(greedy, matrix)

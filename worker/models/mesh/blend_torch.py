@@ -154,7 +154,7 @@ def feather_inside(mask: torch.Tensor, sigma_px: float) -> torch.Tensor:
 
 
 @lru_cache(maxsize=256)
-def _ellipse_half_widths(radius: int) -> tuple[int, ...]:
+def ellipse_half_widths(radius: int) -> tuple[int, ...]:
     """Per row of cv2's MORPH_ELLIPSE (2r+1)^2 kernel, the half width of its (centred) run; -1 empty."""
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
     widths = []
@@ -169,7 +169,7 @@ def dilate_ellipse(x: torch.Tensor, radius: int) -> torch.Tensor:
 
     Each kernel row is a centred run, so the dilation is a max over rows of horizontal max-pools.
     """
-    widths = _ellipse_half_widths(radius)
+    widths = ellipse_half_widths(radius)
     h = x.shape[0]
     pooled: dict[int, torch.Tensor] = {}
     for width in sorted(set(widths) - {-1}):

@@ -9,6 +9,8 @@ is per triangle only (468 points, ~900 triangles); nothing per pixel touches the
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -54,7 +56,7 @@ def rasterise(
     order = np.argsort(-dst_xyz[:, 2][triangles[rows]].mean(axis=1), kind="stable")  # far first
     drawn = rows[order]  # the draw order: a later (nearer) triangle overwrites
     v16 = np.round((xy - np.asarray(origin_xy, np.float64)) * (1 << _SHIFT_BITS)).astype(np.int64)
-    table, boxes = _fill_tables(v16[triangles[drawn]], (h, w))
+    table, boxes = fill_tables(v16[triangles[drawn]], (h, w))
     counts = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     table_t = upload(np.concatenate([table, boxes[:, :2], boxes[:, 2:3] - boxes[:, :1]], axis=1), device)
     for start, stop in _chunks(counts):
@@ -69,7 +71,7 @@ def rasterise(
         t = table_t[tri].T  # (columns, pairs)
         px = t[_BOX] + k % t[_BOX + 2]
         py = t[_BOX + 1] + k // t[_BOX + 2]
-        covered = _in_spans(t, px, py) | _on_outline(t, px, py)
+        covered = covers(t, px, py)
         values = torch.where(covered, tri, torch.full_like(tri, -1))
         out.scatter_reduce_(0, py * w + px, values, reduce="amax", include_self=True)
     lookup = upload(drawn.astype(np.int64), device)
@@ -99,13 +101,12 @@ def _pick(arr: np.ndarray, axis: np.ndarray) -> np.ndarray:
     return np.take_along_axis(arr, axis[:, None], axis=1)[:, 0]
 
 
-def _fill_tables(v16: np.ndarray, shape_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def fill_tables(v16: np.ndarray, shape_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Per triangle (R,3,2 vertices in 1/16 px): FillConvexPoly's scan state and a pixel box.
 
     The scan starts at the first vertex with the smallest y and walks both ways round; an edge enters at
     its start vertex's rounded row with cv2's rounded 16.16 slope.
     """
-    h, w = shape_hw
     big = v16 << (_XY_SHIFT - _SHIFT_BITS)  # 16.16 fixed point
     imin = np.argmin(v16[..., 1], axis=1)
     a, b, c = (np.take_along_axis(big, ((imin + s) % 3)[:, None, None], axis=1)[:, 0] for s in (0, 1, 2))
@@ -132,15 +133,77 @@ def _fill_tables(v16: np.ndarray, shape_hw: tuple[int, int]) -> tuple[np.ndarray
             (q2[:, 0] + _HALF) >> _XY_SHIFT,
             (q2[:, 1] + _HALF) >> _XY_SHIFT,
         ]
-    # everything painted lies within a pixel of the rounded vertex extent
-    lo = ((big.min(axis=1) + _HALF) >> _XY_SHIFT) - 1
-    hi = ((big.max(axis=1) + _HALF) >> _XY_SHIFT) + 2
-    x0, y0 = np.clip(lo[:, 0], 0, w), np.clip(lo[:, 1], 0, h)
-    x1, y1 = np.maximum(np.clip(hi[:, 0], 0, w), x0), np.maximum(np.clip(hi[:, 1], 0, h), y0)
-    return np.stack(columns, axis=1), np.stack([x0, y0, x1, y1], axis=1)
+    return np.stack(columns, axis=1), pixel_boxes(v16, shape_hw)
 
 
-def _in_spans(t: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
+def pixel_boxes(v16: np.ndarray, shape_hw: tuple[int | np.ndarray, int | np.ndarray]) -> np.ndarray:
+    """(...,4) x0, y0, x1, y1 per triangle (...,3,2 vertices in 1/16 px): every pixel cv2 paints lies
+    within a pixel of the rounded vertex extent; clipped to ``shape_hw`` (broadcast against ``...``)."""
+    h, w = shape_hw
+    big = v16 << (_XY_SHIFT - _SHIFT_BITS)
+    lo = ((big.min(axis=-2) + _HALF) >> _XY_SHIFT) - 1
+    hi = ((big.max(axis=-2) + _HALF) >> _XY_SHIFT) + 2
+    x0, y0 = np.clip(lo[..., 0], 0, w), np.clip(lo[..., 1], 0, h)
+    x1, y1 = np.maximum(np.clip(hi[..., 0], 0, w), x0), np.maximum(np.clip(hi[..., 1], 0, h), y0)
+    return np.stack([x0, y0, x1, y1], axis=-1)
+
+
+def scan_tables_torch(v16: torch.Tensor) -> torch.Tensor:
+    """``fill_tables``' (R,32) int64 scan columns computed on the device from (R,3,2) int64 vertices: the
+    same fixed-point arithmetic, so a batch of faces needs no per-triangle work on the host."""
+    big = v16 << (_XY_SHIFT - _SHIFT_BITS)
+    imin = v16[..., 1].argmin(dim=1)
+    a, b, c = (
+        torch.gather(big, 1, ((imin + s) % 3)[:, None, None].expand(-1, 1, 2))[:, 0] for s in (0, 1, 2)
+    )
+    ta, tb, tc = ((q[:, 1] + _HALF) >> _XY_SHIFT for q in (a, b, c))
+
+    def slope(s: torch.Tensor, ts: torch.Tensor, e: torch.Tensor, te: torch.Tensor) -> torch.Tensor:
+        dy = te - ts
+        return torch.where(dy > 0, _cdiv_torch((e[:, 0] - s[:, 0]) * 2 + dy, 2 * dy), 0)
+
+    def pick(arr: torch.Tensor, take_x: torch.Tensor) -> torch.Tensor:
+        return torch.where(take_x, arr[:, 0], arr[:, 1])
+
+    columns = [ta, torch.maximum(torch.maximum(ta, tb), tc), tb, tc, a[:, 0], b[:, 0], c[:, 0]]
+    columns += [slope(a, ta, b, tb), slope(b, tb, c, tc), slope(a, ta, c, tc), slope(c, tc, b, tb)]
+    for p1, p2 in ((big[:, 2], big[:, 0]), (big[:, 0], big[:, 1]), (big[:, 1], big[:, 2])):
+        d = p2 - p1
+        xmajor = d[:, 0].abs() > d[:, 1].abs()
+        swap = torch.where(xmajor, d[:, 0] < 0, d[:, 1] < 0)[:, None]
+        q1, q2 = torch.where(swap, p2, p1), torch.where(swap, p1, p2)
+        columns += [
+            xmajor.to(torch.int64),
+            (pick(q1, xmajor) + _HALF) >> _XY_SHIFT,
+            pick(q1, ~xmajor) + _HALF,
+            _cdiv_torch(pick(q2 - q1, ~xmajor) << _XY_SHIFT, pick(d, xmajor).abs() | 1),
+            pick(q2 - q1, xmajor) >> _XY_SHIFT,
+            (q2[:, 0] + _HALF) >> _XY_SHIFT,
+            (q2[:, 1] + _HALF) >> _XY_SHIFT,
+        ]
+    return torch.stack(columns, dim=1)
+
+
+def _cdiv_torch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``_cdiv`` on the device: C integer division, truncating toward zero."""
+    q = a.abs() // b.abs().clamp(min=1)
+    return torch.where((a < 0) != (b < 0), -q, q)
+
+
+class PairColumns(Protocol):
+    """The triangle-table columns of every pixel pair by column index: a (columns, pairs) tensor, or an
+    object that gathers each column only when it is read."""
+
+    def __getitem__(self, column: int, /) -> torch.Tensor: ...
+
+
+def covers(t: PairColumns, px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
+    """Whether cv2.fillConvexPoly paints pixel (px, py) of the triangle whose ``fill_tables`` row is ``t``
+    (columns first: one table row per pixel pair)."""
+    return _in_spans(t, px, py) | _on_outline(t, px, py)
+
+
+def _in_spans(t: PairColumns, px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
     """Inside one of FillConvexPoly's scanline spans: rows [tA, t2), span ends rounded half up."""
     ta, t2, tb, tc, xa, xb, xc, dab, dbc, dac, dcb = (t[_SPAN + i] for i in range(11))
     x0 = torch.where(py < tb, xa + dab * (py - ta), xb + dbc * (py - tb))  # chain A->B->C
@@ -150,7 +213,7 @@ def _in_spans(t: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> torch.Tens
     return (py >= ta) & (py < t2) & (px >= left) & (px <= right)
 
 
-def _on_outline(t: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
+def _on_outline(t: PairColumns, px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
     """On one of the three edge lines cv2's Line2 draws before the fill (end point included)."""
     hit = torch.zeros_like(px, dtype=torch.bool)
     for e in range(3):

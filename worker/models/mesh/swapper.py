@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +19,7 @@ import torch
 
 from worker.models.align import MASK_EPS
 from worker.models.faces import Face, SwapOutput
+from worker.models.mesh.compositor_batched import BatchedCompositor, Item
 from worker.models.mesh.compositor_torch import DeviceCanvas, FacePlan, TorchCompositor, bounding_rect
 from worker.models.mesh.landmarker import FaceMeshLandmarker, roi_from_face
 from worker.models.mesh.tracking import FaceTracker
@@ -97,11 +99,13 @@ def feather_inside(mask: np.ndarray, sigma_px: float) -> np.ndarray:
 class MeshSwapper:
     """Warps one source face over every target face's mesh; per-face 5-point fallback.
 
-    ``compositor`` picks where the per-face warp and blend run: ``cv2`` on the host, or ``torch`` on
-    the swapper's device; both give the same picture within a grey level or two. ``auto`` is cv2
-    everywhere for now: in the H100 pipeline (1080p, 789 faces) the torch compositor on CUDA took
-    ~80 ms a face against cv2's ~70 ms (its per-face launches and host-side triangle tables
-    dominate), and on the CPU it is 2-8x slower.
+    ``compositor`` picks where the warp and blend run, all giving the same picture within a grey level
+    or two: ``cv2`` face by face on the host; ``torch`` face by face on the swapper's device; ``batched``
+    every face of the batch at once on the device (``compositor_batched``: a fixed number of launches
+    per overlap layer, whatever the number of faces). ``auto`` is ``batched`` on CUDA and ``cv2`` on
+    the CPU: in the H100 pipeline (1080p, ~7 faces a frame) cv2 took ~70 ms a face (its ~850 Python-level
+    fills a face contend for the GIL) and per-face torch ~80 ms (per-face launches and host tables); on
+    the CPU both torch paths are slower than cv2.
     """
 
     name = "mesh"
@@ -123,7 +127,7 @@ class MeshSwapper:
         colour_sigma_frac: float = 0.15,
         hidden_rel: float = 0.1,
         dtype: torch.dtype = torch.float32,
-        compositor: Literal["auto", "torch", "cv2"] = "auto",
+        compositor: Literal["auto", "batched", "torch", "cv2"] = "auto",
     ) -> None:
         self.source_image = np.ascontiguousarray(source_image)
         self.source_face = source_face
@@ -148,7 +152,8 @@ class MeshSwapper:
         self.source_ok = bool(presence[0] >= presence_min)
         self._pyramid = self._build_pyramid(self.source_image, inter_ocular_px(self.source_points))
         device = torch.device(device)
-        use_torch = compositor == "torch"
+        if compositor == "auto":
+            compositor = "batched" if device.type == "cuda" else "cv2"
         self._compositor = (
             TorchCompositor(
                 self._pyramid,
@@ -159,7 +164,20 @@ class MeshSwapper:
                 mouth_margin_frac=mouth_margin_frac,
                 colour_sigma_frac=colour_sigma_frac,
             )
-            if use_torch
+            if compositor == "torch"
+            else None
+        )
+        self._batched = (
+            BatchedCompositor(
+                self._pyramid,
+                self.topology,
+                device,
+                mouth_mask=mouth_mask,
+                feather_frac=feather_frac,
+                mouth_margin_frac=mouth_margin_frac,
+                colour_sigma_frac=colour_sigma_frac,
+            )
+            if compositor == "batched"
             else None
         )
 
@@ -225,6 +243,9 @@ class MeshSwapper:
         meshes: Sequence[Sequence[np.ndarray | None]],
     ) -> list[SwapOutput]:
         """The blending half of ``swap_batch``, for meshes already tracked (None: the classic path)."""
+        if self._batched is not None:
+            with torch.inference_mode():
+                return self._swap_batch_batched(frames, faces, meshes, self._batched)
         if self._compositor is not None:
             with torch.inference_mode():
                 return self._swap_batch_torch(frames, faces, meshes, self._compositor)
@@ -243,6 +264,32 @@ class MeshSwapper:
                     paths.append("classic")
             outputs.append(SwapOutput(frame=out, mask=union, paths=paths))
         return outputs
+
+    def _swap_batch_batched(
+        self,
+        frames: np.ndarray,
+        faces: Sequence[Sequence[Face]],
+        meshes: Sequence[Sequence[np.ndarray | None]],
+        compositor: BatchedCompositor,
+    ) -> list[SwapOutput]:
+        """``swap_batch`` with every mesh face of the batch blended on the device in one pass per overlap
+        layer; classic faces run on the host between layers, in their frame's order."""
+        items: list[list[Item]] = []
+        paths: list[list[str]] = []
+        for frame, frame_faces, frame_meshes in zip(frames, faces, meshes, strict=True):
+            row: list[Item] = []
+            for face, pts in zip(frame_faces, frame_meshes, strict=True):
+                if pts is None:
+                    row.append(partial(self._swap_classic, face))
+                else:
+                    row.append(self._plan(frame.shape[:2], pts))
+            items.append(row)
+            paths.append(["classic" if pts is None else self.name for pts in frame_meshes])
+        out, union = compositor.composite(frames, items)
+        return [SwapOutput(frame=out[i], mask=union[i], paths=p) for i, p in enumerate(paths)]
+
+    def _swap_classic(self, face: Face, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._classic_swapper().swap_face(frame, face)  # type: ignore[attr-defined,no-any-return]
 
     def _swap_batch_torch(
         self,
@@ -311,6 +358,10 @@ class MeshSwapper:
 
     def swap_face(self, frame: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Warp, colour-match and blend the source onto one target mesh; a new frame and its mask."""
+        if self._batched is not None:
+            with torch.inference_mode():
+                outs, masks = self._batched.composite(frame[None], [[self._plan(frame.shape[:2], points)]])
+            return outs[0], masks[0]
         out = frame.copy()
         mask = np.zeros(frame.shape[:2], dtype=np.float32)
         if self._compositor is None:

@@ -1,0 +1,70 @@
+"""MTCNN on CUDA finds the CPU path's faces (which the unit tests hold equal to the original algorithm)
+and waits for the device only four times per ``detect()``, whatever the batch.
+
+Images: insightface's t1.jpg and skimage's astronaut, or ``$FACEFARM_TEST_IMAGES`` (t1.jpg,
+astronaut.png) on the GPU machine, which has neither package.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from worker.models.detect_mtcnn import MtcnnDetector
+
+pytestmark = pytest.mark.gpu
+
+
+def _image(name: str) -> np.ndarray:
+    folder = os.environ.get("FACEFARM_TEST_IMAGES")
+    if folder:
+        bgr = cv2.imread(str(Path(folder) / name), cv2.IMREAD_COLOR)
+        assert bgr is not None, name
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    if name == "t1.jpg":
+        from tests.unit.faces.conftest import insightface_image
+
+        return insightface_image(name)
+    from skimage import data
+
+    return data.astronaut()
+
+
+@pytest.fixture(scope="module")
+def frames_by_size() -> dict[tuple[int, int], np.ndarray]:
+    t1, astronaut = _image("t1.jpg"), _image("astronaut.png")
+    noise = np.random.default_rng(0).integers(0, 256, astronaut.shape, dtype=np.uint8)
+    photos = [t1, astronaut, np.zeros_like(astronaut), noise, t1[:, ::-1]]
+    out = {}
+    for size in ((640, 360), (1920, 1080)):
+        out[size] = np.stack([cv2.resize(p, size, interpolation=cv2.INTER_AREA) for p in photos])
+    return out
+
+
+@pytest.mark.parametrize("size", [(640, 360), (1920, 1080)])
+def test_cuda_finds_the_cpu_faces_with_four_syncs(cuda, gpu_store, frames_by_size, size):
+    frames = frames_by_size[size]
+    want = MtcnnDetector(gpu_store, "cpu").detect(frames)
+    detector = MtcnnDetector(gpu_store, cuda)
+    got = detector.detect(frames)
+    assert [len(f) for f in got] == [len(f) for f in want] and sum(map(len, want)) >= 7
+    for got_frame, want_frame in zip(got, want, strict=True):
+        for g, w in zip(got_frame, want_frame, strict=True):  # TF32/cuDNN arithmetic: ~1 px at 1080p
+            np.testing.assert_allclose(g.box, w.box, atol=2.0)
+            np.testing.assert_allclose(g.landmarks, w.landmarks, atol=2.0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")  # what the driver calls synchronizing
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            detector.detect(frames)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 4, syncs
