@@ -743,9 +743,9 @@ def _pipeline_runs(ctx: BenchContext, device: torch.device, width: int, height: 
     }
     rows: list[dict[str, Any]] = []
     result["runs"] = rows
+    # Settings' own defaults (what ships) but for paths and threads; cases override single fields.
     settings = Settings(device=str(device), model_store=str(ctx.store), model_cache_dir=ctx.work / "model-cache",
-                        batch_frames=8, encoder_threads=ctx.encoder_threads,
-                        sr_compile=ctx.compile and device.type == "cuda")  # fmt: skip
+                        batch_frames=8, encoder_threads=ctx.encoder_threads)  # fmt: skip
 
     def spec_for(case: PipelineCase, end_frame: int, name: str) -> ChunkSpec:
         encoder = EncoderSettings(
