@@ -17,7 +17,7 @@ from tests.integration.ops.conftest import JOB_TIMEOUT_S, ComposeFarm, make_face
 
 pytestmark = pytest.mark.integration
 
-FRAMES, CHUNK_FRAMES = 60, 10
+FRAMES, CHUNK_FRAMES = 60, 30  # chunks of 8 batches: several 0.5 s heartbeats land mid-chunk
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
