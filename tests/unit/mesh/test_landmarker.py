@@ -53,3 +53,21 @@ def test_batch_of_many_frames_equals_one_by_one(detector, landmarker, t1, astron
 def test_benchmark_reports_throughput_on_cpu(mesh_store):
     result = benchmark_landmarks("cpu", batch=2, dtype="float32", store=mesh_store, iterations=2)
     assert result["batch"] == 2 and result["faces_per_s"] > 0 and result["ms_per_batch"] > 0
+
+
+def test_batches_are_padded_to_a_few_sizes_without_changing_the_points(detector, landmarker, t1, monkeypatch):
+    """Face counts map to powers of two up to 16, then multiples of 16 (cuDNN plans are per shape);
+    the padding rows never reach the results."""
+    from worker.models.mesh import landmarker as module
+
+    assert [module.batch_bucket(n) for n in (1, 2, 3, 5, 9, 16, 17, 33, 64)] == [1, 2, 4, 8, 16, 16, 32, 48, 64]
+    seen: list[int] = []
+    net = landmarker.net
+    monkeypatch.setattr(landmarker, "net", lambda x: (seen.append(len(x)), net(x))[1])
+    rois = [roi_from_face(f, 0) for f in detector.detect(t1)[0]][:5]
+    assert len(rois) == 5
+    together, presence_together = landmarker.landmarks([t1], rois)
+    alone = [landmarker.landmarks([t1], [roi]) for roi in rois]
+    assert seen[0] == 8 and seen[1:] == [1] * 5
+    np.testing.assert_allclose(together, np.concatenate([p for p, _ in alone]), atol=1e-3)
+    np.testing.assert_allclose(presence_together, np.concatenate([q for _, q in alone]), atol=1e-5)
