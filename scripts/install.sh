@@ -44,7 +44,7 @@ fi
 # wants the newest torch) would otherwise swap it for a multi-GB CUDA build, or replace a GPU
 # machine's CUDA build. pip's own constraints (/etc/xdg/pip) are kept beside ours.
 TORCH_PIN="$VENV/torch-constraint.txt"
-"$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" >"$TORCH_PIN"
+"$VENV/bin/python" -W ignore -c "import torch; print('torch==' + torch.__version__.split('+')[0])" 2>/dev/null >"$TORCH_PIN"
 PIP_CONSTRAINTS=(-c "$TORCH_PIN")
 PIP_SYS_CONSTRAINT=$("$VENV/bin/python" -m pip config get global.constraint 2>/dev/null || true)
 if [ -n "$PIP_SYS_CONSTRAINT" ] && [ -f "$PIP_SYS_CONSTRAINT" ]; then PIP_CONSTRAINTS+=(-c "$PIP_SYS_CONSTRAINT"); fi
