@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from dispatcher.service import FarmContext, create_context, enqueue_merge, enqueue_renders
 from shared.errors import AttemptsExhaustedError, FaceFarmError
+from shared.names import CHECK_QUEUE
 from shared.schemas import ChunkStatus, JobStatus
 from shared.settings import Settings
 
@@ -34,6 +35,40 @@ class Report:
     inputs_expired: list[str] = field(default_factory=list)
     outputs_expired: list[str] = field(default_factory=list)
     no_worker: list[str] = field(default_factory=list)
+    check_waits: list[str] = field(default_factory=list)
+
+
+def warn_jobs_waiting_for_a_check(ctx: FarmContext, *, now: float) -> list[str]:
+    """Log, once per stay in QUEUED, on jobs whose input check has waited ``check_wait_warn_s``.
+
+    The check (and so the plan) runs on the ``check`` queue. A farm whose only workers were started by
+    hand with ``-Q gpu`` never takes it, and the job would sit QUEUED with nothing said; messages
+    still in that queue's list mean no worker is fetching them. The job is not failed: a check worker
+    may be on its way, or just busy.
+    """
+    wait_s = ctx.settings.check_wait_warn_s
+    store = ctx.store
+    waiting = store.queue_lengths([CHECK_QUEUE])[CHECK_QUEUE]
+    if wait_s <= 0 or waiting == 0:
+        return []
+    warned = []
+    for job_id in store.active_job_ids():
+        job = store.get_job(job_id)
+        stamp = repr(job.updated_at)  # a retry re-enters QUEUED with a new stamp, and is warned again
+        if job.status is not JobStatus.QUEUED or now - job.updated_at < wait_s:
+            continue
+        if job.fields.get("check_wait_warned") == stamp:
+            continue
+        line = (
+            f"waiting: the input check has not started after {now - job.updated_at:.0f} s and {waiting} "
+            f"message(s) sit in the '{CHECK_QUEUE}' queue; is any worker consuming it? `facefarm worker` "
+            f"does by default (--queues gpu,check); a celery worker needs -Q ...,{CHECK_QUEUE}"
+        )
+        store.append_log(job_id, f"reconciler: {line}", now=now)
+        store.mark(job_id, check_wait_warned=stamp)
+        log.warning("job %s: %s", job_id, line)
+        warned.append(job_id)
+    return warned
 
 
 def fail_jobs_without_eligible_workers(ctx: FarmContext, *, now: float) -> list[str]:
@@ -82,6 +117,7 @@ def reconcile_once(ctx: FarmContext, *, now: float | None = None) -> Report:
             report.requeued.append((stalled.job_id, stalled.index))
 
     report.no_worker.extend(fail_jobs_without_eligible_workers(ctx, now=now))
+    report.check_waits.extend(warn_jobs_waiting_for_a_check(ctx, now=now))
 
     for job_id in store.merges_due(now, grace_s=stall_s):
         store.append_log(job_id, "reconciler: all chunks committed but no merge ran; merge enqueued", now=now)

@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = 4 * 3600
     heartbeat_interval_s: float = 2.0
     stall_after_s: float = 60.0
+    # a QUEUED job whose input check has not started after this long gets a line in its log saying
+    # that no worker may be consuming the check queue (0: never)
+    check_wait_warn_s: float = 120.0
     max_attempts: int = 3
     worker_block_after_failures: int = 5
     worker_block_ttl_s: int = 3600

@@ -82,3 +82,28 @@ def test_only_one_reconciler_is_active(store: JobStore, redis_url: str, tmp_path
         stop.set()
         first.join(timeout=5)
     assert store.acquire_lock(LOCK_NAME, "next", ttl_s=1)  # released on exit: another takes over
+
+
+def test_a_job_whose_check_nobody_takes_gets_one_warning(
+    store: JobStore, redis_url: str, tmp_path: Path
+) -> None:
+    import redis
+
+    from shared.names import CHECK_QUEUE
+    from shared.schemas import JobOptions
+
+    ctx, _ = make_ctx(store, redis_url, tmp_path, check_wait_warn_s=120)
+    store.create_job(
+        "q", owner="alice", options=JobOptions(swapper="classic"), video_uri="file:///v.mp4",
+        face_uri="file:///f.png", now=1000.0,
+    )  # fmt: skip
+    assert reconcile_once(ctx, now=1500.0).check_waits == []  # nothing waits in the check queue
+    broker = redis.Redis.from_url(redis_url)
+    broker.rpush(CHECK_QUEUE, b"the job's check message")
+    assert reconcile_once(ctx, now=1100.0).check_waits == []  # not waited long enough yet
+    assert reconcile_once(ctx, now=1200.0).check_waits == ["q"]
+    assert reconcile_once(ctx, now=1300.0).check_waits == []  # said once
+    lines = [line for line in store.logs("q") if "input check" in line]
+    assert len(lines) == 1 and "'check' queue" in lines[0] and "-Q ...,check" in lines[0]
+    planned_job(store, "rendering", [5])  # past the check: never warned
+    assert "rendering" not in reconcile_once(ctx, now=5000.0).check_waits
