@@ -127,3 +127,24 @@ def test_run_in_batches_concatenates_in_order() -> None:
     assert torch.equal(run_in_batches(lambda t: t * 10, x, 3), x * 10)
     with pytest.raises(ValueError):
         run_in_batches(lambda t: t, x, 0)
+
+
+def test_sr_kernels_setting_resolves_to_what_is_installed(monkeypatch) -> None:
+    import importlib.util
+
+    from worker.models import accelerate
+
+    assert accelerate.sr_kernels("cudnn") == "cudnn"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert accelerate.sr_kernels("auto") == "cudnn"
+    with pytest.raises(RuntimeError, match="triton package is not installed"):
+        accelerate.sr_kernels("triton")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    assert accelerate.sr_kernels("auto") == "triton" and accelerate.sr_kernels("triton") == "triton"
+    with pytest.raises(ValueError, match="auto, cudnn or triton"):
+        accelerate.sr_kernels("fast")
+
+
+def test_triton_kernels_and_compile_are_exclusive() -> None:
+    with pytest.raises(ValueError, match="pick one"):
+        accelerate_module(torch.nn.Conv2d(3, 3, 3), SpeedOptions(kernels="triton", compile=True))
