@@ -76,7 +76,8 @@ def run_killed_job(
     assert lost and lost[0].worker == worker, (chunk.attempts, farm.ctx.store.logs(view.job_id))
     assert worker in chunk.failed_workers
     path = "redelivery" if "was lost" in (lost[0].error or "") else "reconciler"
-    identical = framemd5(farm.output_path(view.job_id)) == reference
+    got = framemd5(farm.output_path(view.job_id))
+    identical = got == reference
     record(
         "kill",
         f"render child SIGKILLed at frame {at_frame} of chunk {index}",
@@ -84,7 +85,11 @@ def run_killed_job(
         seconds=round(seconds, 1),
         attempts=len(chunk.attempts),
     )
-    assert identical, "the killed run's frames differ from the unkilled run's"
+    differ = [i for i, (a, b) in enumerate(zip(got, reference, strict=False)) if a != b]
+    attempts = {
+        c.index: [(a.worker, a.error) for a in c.attempts] for c in farm.ctx.store.chunks(view.job_id)
+    }
+    assert identical, f"the killed run's frames {differ} (of {len(reference)}) differ; attempts: {attempts}"
 
 
 def test_render_child_killed_mid_chunk_is_redelivered_and_frames_match_an_unkilled_run(
