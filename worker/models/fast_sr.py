@@ -12,6 +12,7 @@ repack the weights whenever their device, dtype or storage changes.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Generic, TypeVar
 
@@ -64,7 +65,7 @@ def _pack(conv: nn.Module, dtype: torch.dtype, **act: object) -> PackedConv3x3:
     return pack_conv3x3(conv.weight, conv.bias, dtype=dtype, **act)  # type: ignore[arg-type]
 
 
-class _PackedNet(nn.Module, Generic[Packed]):
+class _PackedNet(nn.Module, ABC, Generic[Packed]):
     """Holds ``net`` and its packed layers, rebuilt when the weights move or change dtype."""
 
     def __init__(self, net: nn.Module) -> None:
@@ -82,8 +83,9 @@ class _PackedNet(nn.Module, Generic[Packed]):
                 self._packed = (key, self.pack(x.dtype))
         return self._packed[1]
 
+    @abstractmethod
     def pack(self, dtype: torch.dtype) -> Packed:
-        raise NotImplementedError
+        """The net's layers packed for the Triton kernel in ``dtype`` (each subclass knows its layout)."""
 
 
 class TritonSRVGG(_PackedNet[list[PackedConv3x3]]):

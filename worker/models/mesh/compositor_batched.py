@@ -28,7 +28,7 @@ from worker.models.mesh.blend_torch import (
     upload,
 )
 from worker.models.mesh.compositor_torch import FacePlan
-from worker.models.mesh.raster_torch import covers, pixel_boxes, scan_tables_torch
+from worker.models.mesh.raster_torch import covers, fill_from_nearest_batched, pixel_boxes, scan_tables_torch
 from worker.models.mesh.triangles import MeshTopology
 from worker.models.mesh.warp import polygon_mask_u8
 
@@ -38,7 +38,6 @@ HostStep = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 Item = FacePlan | HostStep | None  # None: a mesh face too small to blend (the frame stays as it is)
 
 _SHIFT_BITS = 4  # the rasteriser's 1/16 px vertices (raster_torch, warp.py)
-_NONE = 1.0e7  # "no seed yet" coordinate of the jump flood (raster_torch)
 _PAIRS_PER_SCATTER = 1 << 23  # pixel pairs per rasteriser scatter: ~1.5 GB of temporaries on CUDA
 _DILATE_ELEMENTS = 1 << 25  # elements of the dilation's row gather per step: ~128 MB
 _BOX_COL = 32  # fill_tables' 32 columns, then the pixel box (x0, y0, width) and the face's buffer offset
@@ -156,43 +155,6 @@ def _blur_axis_batched(
         weight = taps.repeat(c, 1)[:, None, :, None]
     out = F.conv2d(padded.reshape(1, c * f, *padded.shape[2:]), weight, groups=c * f)
     return out.view(c, f, h, w)
-
-
-def fill_from_nearest_batched(tri_map: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
-    """``raster_torch.fill_from_nearest`` of every face of an (F,H,W) stack, each within its window.
-
-    Padding pixels (``inside`` False) never carry a seed, so a face fills exactly as it does alone: the
-    extra (larger) jump steps of a smaller face only reach outside its window and change nothing.
-    """
-    f, h, w = tri_map.shape
-    device = tri_map.device
-    ys = torch.arange(h, device=device, dtype=torch.float32)[:, None].expand(h, w)
-    xs = torch.arange(w, device=device, dtype=torch.float32)[None, :].expand(h, w)
-    covered = tri_map >= 0
-    seed = torch.stack([torch.where(covered, xs, _NONE), torch.where(covered, ys, _NONE)])  # (2,F,H,W)
-    step = 1 << max(int(max(h, w) - 1).bit_length() - 1, 0)
-    steps = []
-    while step >= 1:
-        steps.append(step)
-        step //= 2
-    for step in [*steps, 1]:
-        padded = F.pad(seed, (step, step, step, step), value=_NONE)
-        cands = torch.stack(
-            [
-                padded[:, :, step + dy : step + dy + h, step + dx : step + dx + w]
-                for dy in (-step, 0, step)
-                for dx in (-step, 0, step)
-            ]
-        )  # (9,2,F,H,W)
-        dist = (cands[:, 0] - xs) ** 2 + (cands[:, 1] - ys) ** 2
-        best = dist.argmin(dim=0)
-        seed = torch.gather(cands, 0, best[None, None].expand(1, 2, f, h, w))[0]
-        seed = torch.where(inside, seed, _NONE)
-    found = seed[0] < _NONE / 2
-    flat = seed[1].clamp(0, h - 1).long() * w + seed[0].clamp(0, w - 1).long()
-    nearest = torch.gather(tri_map.reshape(f, h * w), 1, flat.reshape(f, h * w)).view(f, h, w)
-    nearest = torch.where(found, nearest, torch.full_like(tri_map, -1))
-    return torch.where(covered, tri_map, nearest)
 
 
 def dilate_ellipses(x: torch.Tensor, radii: np.ndarray) -> torch.Tensor:

@@ -231,12 +231,22 @@ def fill_from_nearest(tri_map: torch.Tensor) -> torch.Tensor:
 
     The twin of ``warp.fill_from_nearest``; a map with no covered pixel comes back unchanged.
     """
-    h, w = tri_map.shape
+    inside = torch.ones((1, *tri_map.shape), dtype=torch.bool, device=tri_map.device)
+    return fill_from_nearest_batched(tri_map[None], inside)[0]
+
+
+def fill_from_nearest_batched(tri_map: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """``fill_from_nearest`` of every face of an (F,H,W) stack, each within its window.
+
+    Padding pixels (``inside`` False) never carry a seed, so a face fills exactly as it does alone: the
+    extra (larger) jump steps of a smaller face only reach outside its window and change nothing.
+    """
+    f, h, w = tri_map.shape
     device = tri_map.device
     ys = torch.arange(h, device=device, dtype=torch.float32)[:, None].expand(h, w)
     xs = torch.arange(w, device=device, dtype=torch.float32)[None, :].expand(h, w)
     covered = tri_map >= 0
-    seed = torch.stack([torch.where(covered, xs, _NONE), torch.where(covered, ys, _NONE)])  # (2,H,W)
+    seed = torch.stack([torch.where(covered, xs, _NONE), torch.where(covered, ys, _NONE)])  # (2,F,H,W)
     step = 1 << max(int(max(h, w) - 1).bit_length() - 1, 0)
     steps = []
     while step >= 1:
@@ -246,18 +256,19 @@ def fill_from_nearest(tri_map: torch.Tensor) -> torch.Tensor:
         padded = F.pad(seed, (step, step, step, step), value=_NONE)
         cands = torch.stack(
             [
-                padded[:, step + dy : step + dy + h, step + dx : step + dx + w]
+                padded[:, :, step + dy : step + dy + h, step + dx : step + dx + w]
                 for dy in (-step, 0, step)
                 for dx in (-step, 0, step)
             ]
-        )  # (9,2,H,W)
+        )  # (9,2,F,H,W)
         dist = (cands[:, 0] - xs) ** 2 + (cands[:, 1] - ys) ** 2
         best = dist.argmin(dim=0)
-        seed = torch.gather(cands, 0, best[None, None].expand(1, 2, h, w))[0]
+        seed = torch.gather(cands, 0, best[None, None].expand(1, 2, f, h, w))[0]
+        seed = torch.where(inside, seed, _NONE)
     found = seed[0] < _NONE / 2
-    sx = seed[0].clamp(0, w - 1).long()
-    sy = seed[1].clamp(0, h - 1).long()
-    nearest = torch.where(found, tri_map[sy, sx], torch.full_like(tri_map, -1))
+    flat = seed[1].clamp(0, h - 1).long() * w + seed[0].clamp(0, w - 1).long()
+    nearest = torch.gather(tri_map.reshape(f, h * w), 1, flat.reshape(f, h * w)).view(f, h, w)
+    nearest = torch.where(found, nearest, torch.full_like(tri_map, -1))
     return torch.where(covered, tri_map, nearest)
 
 

@@ -154,29 +154,17 @@ class MeshSwapper:
         device = torch.device(device)
         if compositor == "auto":
             compositor = "batched" if device.type == "cuda" else "cv2"
+        blend = {
+            "mouth_mask": mouth_mask,
+            "feather_frac": feather_frac,
+            "mouth_margin_frac": mouth_margin_frac,
+            "colour_sigma_frac": colour_sigma_frac,
+        }
         self._compositor = (
-            TorchCompositor(
-                self._pyramid,
-                self.topology,
-                device,
-                mouth_mask=mouth_mask,
-                feather_frac=feather_frac,
-                mouth_margin_frac=mouth_margin_frac,
-                colour_sigma_frac=colour_sigma_frac,
-            )
-            if compositor == "torch"
-            else None
+            TorchCompositor(self._pyramid, self.topology, device, **blend) if compositor == "torch" else None  # type: ignore[arg-type]
         )
         self._batched = (
-            BatchedCompositor(
-                self._pyramid,
-                self.topology,
-                device,
-                mouth_mask=mouth_mask,
-                feather_frac=feather_frac,
-                mouth_margin_frac=mouth_margin_frac,
-                colour_sigma_frac=colour_sigma_frac,
-            )
+            BatchedCompositor(self._pyramid, self.topology, device, **blend)  # type: ignore[arg-type]
             if compositor == "batched"
             else None
         )
