@@ -28,7 +28,13 @@ from worker.models.mesh.blend_torch import (
     upload,
 )
 from worker.models.mesh.compositor_torch import FacePlan
-from worker.models.mesh.raster_torch import covers, fill_from_nearest_batched, pixel_boxes, scan_tables_torch
+from worker.models.mesh.raster_torch import (
+    covers,
+    fill_from_nearest_batched,
+    pair_chunks,
+    pixel_boxes,
+    scan_tables_torch,
+)
 from worker.models.mesh.triangles import MeshTopology
 from worker.models.mesh.warp import polygon_mask_u8
 
@@ -220,17 +226,6 @@ class _Gathered:
         return self.columns[column].index_select(0, self.rows)
 
 
-def _pair_chunks(counts: np.ndarray, budget: int) -> list[tuple[int, int]]:
-    """Runs of triangles whose pixel pairs stay under ``budget`` (one triangle may exceed it)."""
-    cum = np.cumsum(counts)
-    bounds, start, done = [], 0, 0
-    while start < len(counts):
-        stop = max(int(np.searchsorted(cum, done + budget, side="right")), start + 1)
-        bounds.append((start, stop))
-        done, start = int(cum[stop - 1]), stop
-    return bounds
-
-
 def _draw_polygon(
     canvas: np.ndarray, polygon_xy: np.ndarray, origin: tuple[int, int], shape: tuple[int, int]
 ) -> None:
@@ -420,7 +415,7 @@ class BatchedCompositor:
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(n_tris, device=dev).expand(f, -1))
         rank = torch.where(valid, rank, -1).reshape(-1)
         out = torch.full((f * hm * wm,), -1, dtype=torch.int64, device=dev)
-        for start, stop in _pair_chunks(counts, _PAIRS_PER_SCATTER):
+        for start, stop in pair_chunks(counts, _PAIRS_PER_SCATTER):
             chunk = counts[start:stop]
             n_pairs = int(chunk.sum())
             if n_pairs == 0:

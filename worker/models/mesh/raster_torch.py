@@ -59,7 +59,7 @@ def rasterise(
     table, boxes = fill_tables(v16[triangles[drawn]], (h, w))
     counts = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     table_t = upload(np.concatenate([table, boxes[:, :2], boxes[:, 2:3] - boxes[:, :1]], axis=1), device)
-    for start, stop in _chunks(counts):
+    for start, stop in pair_chunks(counts):
         chunk = counts[start:stop]
         n_pairs = int(chunk.sum())
         if n_pairs == 0:
@@ -78,15 +78,14 @@ def rasterise(
     return torch.where(out >= 0, lookup[out.clamp(min=0)], out).view(h, w)
 
 
-def _chunks(counts: np.ndarray) -> list[tuple[int, int]]:
-    """Runs of triangles whose pixel pairs stay under ``_MAX_PAIRS`` (one triangle may exceed it)."""
-    bounds, start, total = [], 0, 0
-    for i, c in enumerate(counts.tolist()):
-        if total and total + c > _MAX_PAIRS:
-            bounds.append((start, i))
-            start, total = i, 0
-        total += c
-    bounds.append((start, len(counts)))
+def pair_chunks(counts: np.ndarray, budget: int = _MAX_PAIRS) -> list[tuple[int, int]]:
+    """Runs of triangles whose pixel pairs stay under ``budget`` (one triangle may exceed it)."""
+    cum = np.cumsum(counts)
+    bounds, start, done = [], 0, 0
+    while start < len(counts):
+        stop = max(int(np.searchsorted(cum, done + budget, side="right")), start + 1)
+        bounds.append((start, stop))
+        done, start = int(cum[stop - 1]), stop
     return bounds
 
 
