@@ -133,10 +133,13 @@ def run_per_frame_pipeline(
     encoder: EncoderSettings,
     output: Path,
     swapper: str = "classic",
+    start_frame: int = 0,
 ) -> PerFrameResult:
     """Decode → detect/swap → SR → encode, one frame at a time, synchronously, in this thread.
 
     ``sr_model`` is the reference eager model (``load_reference_sr``); None when ``upscale`` is 1.
+    Frames ``start_frame`` .. ``start_frame + frames - 1``; ``first_pts`` is the pts of a keyframe at
+    ``start_frame``.
     """
     from worker.frames import decode_range, open_encoder
     from worker.models.engine import FaceEngine
@@ -149,11 +152,11 @@ def run_per_frame_pipeline(
     started, cpu_started = time.perf_counter(), time.process_time()
     batches = decode_range(
         str(source),
-        start_frame=0,
-        end_frame=frames,
+        start_frame=start_frame,
+        end_frame=start_frame + frames,
         warmup_frames=0,
         seek_pts=first_pts,
-        seek_frame=0,
+        seek_frame=start_frame,
         batch_frames=1,
     )
     with open_encoder(output, encoder) as writer:

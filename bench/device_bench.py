@@ -28,7 +28,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -709,6 +709,9 @@ class PipelineCase:
     mode: str = "pipelined"  # pipelined | accelerated | unbudgeted | per_frame
     settings: dict[str, Any] | None = None  # Settings fields this case overrides (e.g. batch_frames)
     profile: bool = False  # cProfile the face-stage thread (adds a little host time; a row of its own)
+    # which chunk of the clip: frames [chunk * N, (chunk + 1) * N). Chunk 1 after chunk 0 is a warm
+    # process meeting new faces (new batch shapes), as a worker's next chunk does
+    chunk: int = 0
 
 
 def profile_table(profiler: cProfile.Profile, top: int = 30) -> list[str]:
@@ -728,9 +731,12 @@ def _pipeline_runs(ctx: BenchContext, device: torch.device, width: int, height: 
     work = ctx.work / f"pipeline-{device.type}-{width}x{height}"
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    clip = write_clip(
-        work / "clip.mp4", ctx.images, width=width, height=height, frames=frames, crf=18, preset="veryfast"
-    )
+    chunks = 1 + max((case.chunk for case in cases), default=0)
+    gop = min(60, frames)
+    if chunks > 1 and frames % gop:
+        raise ValueError(f"--frames {frames} must be a multiple of {gop}: chunks start on keyframes")
+    clip = write_clip(work / "clip.mp4", ctx.images, width=width, height=height, frames=frames * chunks, crf=18,
+                      preset="veryfast", gop_frames=gop)  # fmt: skip
     face_path = work / "face.png"
     import cv2
 
@@ -747,6 +753,9 @@ def _pipeline_runs(ctx: BenchContext, device: torch.device, width: int, height: 
     settings = Settings(device=str(device), model_store=str(ctx.store), model_cache_dir=ctx.work / "model-cache",
                         batch_frames=8, encoder_threads=ctx.encoder_threads)  # fmt: skip
 
+    def start_pts(case: PipelineCase) -> int:  # the keyframe at the case's first frame
+        return clip.first_pts + round(case.chunk * frames / (clip.fps * clip.time_base))
+
     def spec_for(case: PipelineCase, end_frame: int, name: str) -> ChunkSpec:
         encoder = EncoderSettings(
             codec="libx264", crf=18, preset="veryfast", width=clip.width * case.upscale, height=clip.height * case.upscale,
@@ -762,8 +771,10 @@ def _pipeline_runs(ctx: BenchContext, device: torch.device, width: int, height: 
                 "preset": "veryfast",
             }
         )
-        return ChunkSpec(job_id="bench", index=0, start_frame=0, end_frame=end_frame, warmup_frames=0,
-                         seek_pts=clip.first_pts, seek_frame=0, source_uri=str(clip.path), face_uri=str(face_path),
+        first = case.chunk * frames
+        return ChunkSpec(job_id="bench", index=case.chunk, start_frame=first, end_frame=first + end_frame,
+                         warmup_frames=0, seek_pts=start_pts(case), seek_frame=first, source_uri=str(clip.path),
+                         face_uri=str(face_path),
                          output_uri=str(work / name), options=options, encoder=encoder)  # fmt: skip
 
     def settings_for(case: PipelineCase) -> Settings:
@@ -790,6 +801,7 @@ def _pipeline_runs(ctx: BenchContext, device: torch.device, width: int, height: 
             "swapper": case.swapper,
             "mode": case.mode,
             "settings": case.settings or {},
+            "chunk": case.chunk,
         }
         # cuDNN autotuning as each way really runs: the per-frame tools and today's session leave it off.
         row["cudnn_benchmark"] = case.mode == "accelerated"
@@ -802,9 +814,10 @@ def _pipeline_runs(ctx: BenchContext, device: torch.device, width: int, height: 
 
                 def run(n: int, out: Path, case: PipelineCase = case, sr: SrModel | None = sr) -> Any:
                     return baselines.run_per_frame_pipeline(
-                        source=clip.path, frames=n, first_pts=clip.first_pts, face_image=ctx.images[SOURCE_FACE],
+                        source=clip.path, frames=n, face_image=ctx.images[SOURCE_FACE],
                         store=ctx.store, device=device, sr_model=sr, upscale=case.upscale,
                         encoder=spec_for(case, n, out.name).encoder, output=out, swapper=case.swapper,
+                        start_frame=case.chunk * frames, first_pts=start_pts(case),
                     )  # fmt: skip
 
                 run(min(8, frames), work / "warmup.mp4")
@@ -813,7 +826,8 @@ def _pipeline_runs(ctx: BenchContext, device: torch.device, width: int, height: 
                            stage_seconds={k: round(v, 3) for k, v in measured.stage_seconds.items()})  # fmt: skip
             else:
                 with installed_session(session_for(case)):
-                    warm = render_chunk(spec_for(case, min(16, frames), "warmup.mp4"), source=str(clip.path),
+                    # the warm-up (models, allocator) always renders the clip's first frames
+                    warm = render_chunk(spec_for(replace(case, chunk=0), min(16, frames), "warmup.mp4"), source=str(clip.path),
                                         face_path=face_path, output_path=work / "warmup.mp4", settings=settings_for(case),
                                         on_progress=lambda n: None, should_stop=lambda: False, log=lambda s: None)  # fmt: skip
                     row["warmup_frames"] = warm.frames
@@ -841,9 +855,12 @@ def _pipeline_runs(ctx: BenchContext, device: torch.device, width: int, height: 
         rows.append(row)
         summary = {k: row.get(k) for k in ("run", "fps", "wall_s", "stage_seconds", "error")}
         print(f"[row] {json.dumps(summary)}", flush=True)  # a killed call still shows finished rows
-    for upscale, swapper in {(c.upscale, c.swapper) for c in cases}:
+    for upscale, swapper, chunk in {(c.upscale, c.swapper, c.chunk) for c in cases}:
         same = [
-            r for r in rows if r.get("upscale") == upscale and r.get("swapper") == swapper and r.get("fps")
+            r
+            for r in rows
+            if (r.get("upscale"), r.get("swapper"), r.get("chunk")) == (upscale, swapper, chunk)
+            and r.get("fps")
         ]
         base = next((r for r in same if r.get("mode") == "per_frame"), None)
         for r in same:
@@ -876,17 +893,22 @@ def part_pipeline(ctx: BenchContext) -> dict[str, Any]:
         b16 = {"batch_frames": 16}
         cases += [
             PipelineCase(f"per-frame synchronous x2 (4K out), {mesh} [baseline]", 2, swapper="mesh", mode="per_frame"),
-            PipelineCase(f"render_chunk pipelined x2, {mesh} (what ships)", 2, swapper="mesh"),
-            PipelineCase(f"render_chunk pipelined x2, {mesh} (what ships, second chunk of the process)", 2,
-                         swapper="mesh"),  # fmt: skip
-            PipelineCase(f"render_chunk pipelined x2, {mesh}, 16-frame batches", 2, swapper="mesh", settings=b16),
-            PipelineCase(f"render_chunk pipelined x2, {mesh}, 16-frame batches, compiled SR", 2, swapper="mesh",
-                         settings=b16 | {"sr_compile": True}),
-            PipelineCase(f"render_chunk pipelined x2, {mesh}, 16-frame batches, Triton SR", 2, swapper="mesh",
-                         settings=b16 | {"sr_kernels": "triton"}),
-            PipelineCase(f"render_chunk pipelined x2, {mesh}, face thread profiled", 2, swapper="mesh", profile=True),
-            PipelineCase(f"render_chunk pipelined x2, {mesh}, per-face cv2 compositor", 2, swapper="mesh",
-                         settings={"mesh_compositor": "cv2"}),
+            PipelineCase(f"render_chunk pipelined x2, {mesh} (what ships, first chunk of the process)", 2,
+                         swapper="mesh"),
+            PipelineCase(f"per-frame synchronous x2 (4K out), {mesh}, next chunk [baseline]", 2, swapper="mesh",
+                         mode="per_frame", chunk=1),
+            PipelineCase(f"render_chunk pipelined x2, {mesh} (what ships, next chunk of the process)", 2,
+                         swapper="mesh", chunk=1),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, detection in the face thread", 2,
+                         swapper="mesh", chunk=1, settings={"detect_ahead": False}),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, 16-frame batches", 2, swapper="mesh",
+                         chunk=1, settings=b16),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, Triton SR", 2, swapper="mesh", chunk=1,
+                         settings={"sr_kernels": "triton"}),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, face thread profiled", 2, swapper="mesh",
+                         chunk=1, profile=True),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, per-face cv2 compositor", 2,
+                         swapper="mesh", chunk=1, settings={"mesh_compositor": "cv2"}),
             PipelineCase(f"per-frame synchronous x1 (1080p out), {mesh} [baseline]", 1, swapper="mesh", mode="per_frame"),
             PipelineCase(f"render_chunk pipelined x1 (1080p out), {mesh}", 1, swapper="mesh"),
         ]  # fmt: skip

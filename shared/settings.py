@@ -107,6 +107,9 @@ class Settings(BaseSettings):
     sr_kernels: Literal["auto", "cudnn", "triton"] = "cudnn"
     # where the mesh swapper blends: "auto" = all faces of a batch at once on CUDA, cv2 on the CPU
     mesh_compositor: Literal["auto", "batched", "torch", "cv2"] = "auto"
+    # detect (and smooth) the next batch's faces in a thread of its own while the current batch swaps:
+    # on CUDA the two stages overlap (their own streams); off runs both in the face-stage thread
+    detect_ahead: bool = True
     encoder_threads: int = 2
 
     # --- flower / observability ------------------------------------------------------------

@@ -10,8 +10,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import suppress
+from collections.abc import Callable, Generator, Iterator
+from contextlib import closing, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from shared.settings import Settings
 from worker.frames import FrameBatch, count_frames, decode_range, open_encoder
 from worker.frames.watermark import apply_watermark
 from worker.models.engine import FaceEngine
+from worker.models.faces import Face
 from worker.models.source_face import decode_image
 from worker.session import RenderSession, get_session
 
@@ -85,26 +86,26 @@ def render_chunk(
             encoder.write(np.ascontiguousarray(item[0]), item[1])
             clock.add("encode", started)
 
-        # faces (this thread) -> super-resolution (its own thread) -> encode (its own thread)
+        # decode, detect (own threads) -> swap (this thread) -> super-resolution, encode (own threads)
         encode_stage = _Stage(f"encode-{spec.index}", encode, errors)
         finish_stage = _Stage(f"finish-{spec.index}", lambda item: encode_stage.put(finish(item)), errors)
         try:
-            batch_frames = session.batch_frames(spec.options)
-            for batch in _prefetched(_decode(spec, source, batch_frames), clock):
-                if should_stop():
-                    raise JobCancelledError(f"job {spec.job_id} was cancelled", job_id=spec.job_id)
-                if errors:
-                    raise errors[0]
-                started = time.perf_counter()
-                with session.face_stream_context():
-                    swapped = engine.process(batch.frames, batch.output_mask)
-                clock.add("faces", started)
-                keep = [i for i, out in enumerate(batch.output_mask) if out]
-                if not keep:
-                    continue
-                finish_stage.put((swapped[keep], [batch.pts[i] for i in keep]))
-                frames_done += len(keep)
-                on_progress(frames_done)
+            with closing(_faces_found(spec, source, engine, session, clock)) as found:
+                for batch, faces in found:
+                    if should_stop():
+                        raise JobCancelledError(f"job {spec.job_id} was cancelled", job_id=spec.job_id)
+                    if errors:
+                        raise errors[0]
+                    started = time.perf_counter()
+                    with session.face_stream_context("swap"):
+                        swapped = engine.swap_found(batch.frames, faces, batch.output_mask)
+                    clock.add("faces", started)
+                    keep = [i for i, out in enumerate(batch.output_mask) if out]
+                    if not keep:
+                        continue
+                    finish_stage.put((swapped[keep], [batch.pts[i] for i in keep]))
+                    frames_done += len(keep)
+                    on_progress(frames_done)
         finally:
             finish_stage.close()
             encode_stage.close()
@@ -169,8 +170,36 @@ def _decode(spec: ChunkSpec, source: str, batch_frames: int) -> Iterator[FrameBa
     )
 
 
-def _prefetched(batches: Iterator[FrameBatch], clock: _StageClock) -> Iterator[FrameBatch]:
-    """Decode ahead in a thread (bounded), so decoding overlaps the device work."""
+def _faces_found(
+    spec: ChunkSpec, source: str, engine: FaceEngine, session: RenderSession, clock: _StageClock
+) -> Iterator[tuple[FrameBatch, list[list[Face]]]]:
+    """Decoded batches with their faces. Decoding runs ahead in its thread; with ``detect_ahead`` so
+    does detection (on its own CUDA stream), one batch ahead of the swap, else the caller detects."""
+    decoded = _prefetched(_decode(spec, source, session.batch_frames(spec.options)), clock, "decode")
+    if not session.settings.detect_ahead:
+        with closing(decoded):
+            for batch in decoded:
+                started = time.perf_counter()
+                with session.face_stream_context("swap"):
+                    faces = engine.find_faces(batch.frames)
+                clock.add("faces", started)
+                yield batch, faces
+        return
+
+    def detect() -> Iterator[tuple[FrameBatch, list[list[Face]]]]:
+        with closing(decoded):
+            for batch in decoded:
+                with session.face_stream_context("detect"):
+                    faces = engine.find_faces(batch.frames)
+                yield batch, faces
+
+    with closing(_prefetched(detect(), clock, "detect")) as found:
+        yield from found
+
+
+def _prefetched(batches: Iterator[Any], clock: _StageClock, stage: str) -> Generator[Any, None, None]:
+    """Run ``batches`` ahead in a thread (bounded), so that stage overlaps the device work; the time
+    spent producing each item is added to ``stage``."""
     ready: queue.Queue[Any] = queue.Queue(maxsize=_QUEUE_BATCHES)
     stop = threading.Event()
 
@@ -182,7 +211,7 @@ def _prefetched(batches: Iterator[FrameBatch], clock: _StageClock) -> Iterator[F
                     batch = next(batches)
                 except StopIteration:
                     break
-                clock.add("decode", started)
+                clock.add(stage, started)
                 while not stop.is_set():
                     with suppress(queue.Full):
                         ready.put(batch, timeout=0.1)
@@ -192,7 +221,7 @@ def _prefetched(batches: Iterator[FrameBatch], clock: _StageClock) -> Iterator[F
             return
         ready.put(_SENTINEL)
 
-    thread = threading.Thread(target=produce, daemon=True, name="decode")
+    thread = threading.Thread(target=produce, daemon=True, name=stage)
     thread.start()
     try:
         while True:

@@ -63,7 +63,7 @@ class RenderSession:
         self._enhancer: FaceEnhancer | None = None
         self._fast_sr: dict[tuple[str, int], SrModel] = {}
         self._sr_stream: torch.cuda.Stream | None = None
-        self._face_stream: torch.cuda.Stream | None = None
+        self._face_streams: dict[str, torch.cuda.Stream] = {}
         self._bytes_per_pixel = BytesPerPixelCache()
         self.oom = OomCounter()
         self.tile_override_px: int | None = None  # tests and benchmarks pin a square core (standard pad)
@@ -139,17 +139,19 @@ class RenderSession:
         base = self._sr_models[name]
         return SrModel(name=name, net=net, scale=base.scale, device=self.device, dtype=self._dtype)
 
-    def face_stream_context(self) -> AbstractContextManager[Any]:
-        """The face stage's CUDA stream, at the highest priority: its many small kernels (MTCNN's
-        pyramid, landmarks, the swapper) then run between the SR step's long kernels instead of
-        queueing behind them. Joins the default stream first (weights were placed there)."""
+    def face_stream_context(self, role: str = "swap") -> AbstractContextManager[Any]:
+        """The face stage's CUDA stream for ``role`` ("detect", "swap"), at the highest priority: its many
+        small kernels (MTCNN's pyramid, landmarks, the compositor) then run between the SR step's long
+        kernels instead of queueing behind them, and the two roles, each in its own thread, overlap.
+        Joins the default stream first (weights were placed there)."""
         if self.device.type != "cuda":
             return nullcontext()
-        if self._face_stream is None:
+        stream = self._face_streams.get(role)
+        if stream is None:
             low, high = torch.cuda.Stream.priority_range()
-            self._face_stream = torch.cuda.Stream(self.device, priority=min(low, high))
-        self._face_stream.wait_stream(torch.cuda.default_stream(self.device))
-        return torch.cuda.stream(self._face_stream)
+            stream = self._face_streams[role] = torch.cuda.Stream(self.device, priority=min(low, high))
+        stream.wait_stream(torch.cuda.default_stream(self.device))
+        return torch.cuda.stream(stream)
 
     def _sr_stream_context(self) -> AbstractContextManager[Any]:
         if self.device.type != "cuda":

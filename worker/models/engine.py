@@ -160,23 +160,46 @@ class FaceEngine:
         """Swapped frames (N,H,W,3) uint8; frames whose ``output_mask`` is False come back unswapped."""
         if len(output_mask) != len(frames):
             raise ValueError(f"output_mask has {len(output_mask)} entries for {len(frames)} frames")
+        return self.swap_found(frames, self.find_faces(frames), output_mask)
+
+    def find_faces(self, frames: np.ndarray) -> list[list[Face]]:
+        """The detection half of ``process``: each frame's faces, smoothed over the frames seen so far.
+
+        Stateful (the smoother): call it on every batch, in frame order. It touches nothing that
+        ``swap_found`` uses, so a pipeline may run it one batch ahead in another thread.
+        """
+        t0 = time.perf_counter()
         try:
-            return self._process(frames, output_mask)
+            detections = self.detect(frames) if len(frames) else []
+        except torch.cuda.OutOfMemoryError as exc:
+            raise GpuOutOfMemoryError(
+                f"CUDA out of memory detecting faces on {self.device} ({len(frames)} frames)"
+            ) from exc
+        if self.smoother is not None:
+            detections = [self.smoother.update(f) for f in detections]
+        self._seconds["detect"] += time.perf_counter() - t0
+        return detections
+
+    def swap_found(
+        self, frames: np.ndarray, detections: Sequence[list[Face]], output_mask: Sequence[bool]
+    ) -> np.ndarray:
+        """The swapping half of ``process``, for the faces ``find_faces`` returned for these frames."""
+        if len(output_mask) != len(frames) or len(detections) != len(frames):
+            raise ValueError(
+                f"{len(frames)} frames with {len(output_mask)} output_mask entries and "
+                f"{len(detections)} detection lists"
+            )
+        try:
+            return self._swap(frames, detections, output_mask)
         except torch.cuda.OutOfMemoryError as exc:
             raise GpuOutOfMemoryError(
                 f"CUDA out of memory in the face stage on {self.device} ({len(frames)} frames)"
             ) from exc
 
-    def _process(self, frames: np.ndarray, output_mask: Sequence[bool]) -> np.ndarray:
+    def _swap(
+        self, frames: np.ndarray, detections: Sequence[list[Face]], output_mask: Sequence[bool]
+    ) -> np.ndarray:
         result = np.array(frames, dtype=np.uint8, copy=True)
-        if len(frames) == 0:
-            return result
-        t0 = time.perf_counter()
-        detections = self.detect(frames)
-        if self.smoother is not None:
-            detections = [self.smoother.update(f) for f in detections]
-        self._seconds["detect"] += time.perf_counter() - t0
-
         wanted = [i for i, keep in enumerate(output_mask) if keep or self._swap_warmup]
         if not wanted:
             return result

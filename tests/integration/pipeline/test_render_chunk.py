@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import threading
 from pathlib import Path
 
 import cv2
@@ -17,6 +18,7 @@ from shared.settings import Settings
 from worker.frames import decode_range, open_encoder
 from worker.models.align import warp_face
 from worker.models.detect_mtcnn import MtcnnDetector
+from worker.models.engine import FaceEngine
 from worker.models.source_face import decode_image, load_source_face
 from worker.pipeline import render_chunk
 
@@ -248,3 +250,47 @@ def test_a_face_image_without_a_face_fails_the_chunk_clearly(
             should_stop=lambda: False,
             log=lambda line: None,
         )
+
+
+def test_detecting_ahead_in_its_own_thread_changes_no_pixel(
+    clip: Clip, pipeline_store: Path, lossless_options, tmp_path
+) -> None:
+    outputs = {}
+    for ahead in (True, False):
+        settings = Settings(
+            device="cpu", model_store=str(pipeline_store), batch_frames=4, encoder_threads=1, detect_ahead=ahead
+        )
+        specs = chunk_specs(clip.video, settings, lossless_options, chunk_frames=10)
+        outputs[ahead] = decode_all(render_all(specs, clip.video, clip.face, settings, tmp_path / str(ahead)))
+    assert np.array_equal(outputs[True], outputs[False])
+    assert not [t.name for t in threading.enumerate() if t.name in ("detect", "decode")]
+
+
+def test_a_detection_error_in_the_detect_thread_fails_the_chunk_and_stops_its_threads(
+    clip: Clip, cpu_settings: Settings, lossless_options, tmp_path, monkeypatch
+) -> None:
+    calls = []
+    real = FaceEngine.find_faces
+
+    def failing(self: FaceEngine, frames: np.ndarray) -> list:
+        calls.append(threading.current_thread().name)
+        if len(calls) == 2:
+            raise RuntimeError("detector exploded on batch 2")
+        return real(self, frames)
+
+    monkeypatch.setattr(FaceEngine, "find_faces", failing)
+    spec = chunk_specs(clip.video, cpu_settings, lossless_options, chunk_frames=20)[0]
+    assert cpu_settings.detect_ahead
+    with pytest.raises(RuntimeError, match="batch 2"):
+        render_chunk(
+            spec,
+            source=str(clip.video),
+            face_path=clip.face,
+            output_path=tmp_path / "c.mp4",
+            settings=cpu_settings,
+            on_progress=lambda n: None,
+            should_stop=lambda: False,
+            log=lambda line: None,
+        )
+    assert calls == ["detect", "detect"]  # one batch ahead of the swap, in its own thread
+    assert not [t.name for t in threading.enumerate() if t.name in ("detect", "decode")]
