@@ -712,6 +712,7 @@ class PipelineCase:
     # which chunk of the clip: frames [chunk * N, (chunk + 1) * N). Chunk 1 after chunk 0 is a warm
     # process meeting new faces (new batch shapes), as a worker's next chunk does
     chunk: int = 0
+    switch_interval_s: float | None = None  # sys.setswitchinterval for this case (None: Python's 5 ms)
 
 
 def profile_table(profiler: cProfile.Profile, top: int = 30) -> list[str]:
@@ -805,8 +806,12 @@ def _pipeline_runs(ctx: BenchContext, device: torch.device, width: int, height: 
         }
         # cuDNN autotuning as each way really runs: the per-frame tools and today's session leave it off.
         row["cudnn_benchmark"] = case.mode == "accelerated"
+        switch_interval = sys.getswitchinterval()
         try:
             free_memory(device)
+            if case.switch_interval_s is not None:
+                sys.setswitchinterval(case.switch_interval_s)
+                row["switch_interval_s"] = case.switch_interval_s
             output = work / f"{case.mode}-{case.swapper}-x{case.upscale}.mp4"
             torch.backends.cudnn.benchmark = row["cudnn_benchmark"]
             if case.mode == "per_frame":
@@ -852,6 +857,8 @@ def _pipeline_runs(ctx: BenchContext, device: torch.device, width: int, height: 
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
             row["traceback"] = traceback.format_exc()[-4000:]
+        finally:
+            sys.setswitchinterval(switch_interval)
         rows.append(row)
         summary = {k: row.get(k) for k in ("run", "fps", "wall_s", "stage_seconds", "error")}
         print(f"[row] {json.dumps(summary)}", flush=True)  # a killed call still shows finished rows
@@ -899,8 +906,17 @@ def part_pipeline(ctx: BenchContext) -> dict[str, Any]:
                          mode="per_frame", chunk=1),
             PipelineCase(f"render_chunk pipelined x2, {mesh} (what ships, next chunk of the process)", 2,
                          swapper="mesh", chunk=1),
-            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, detection in the face thread", 2,
-                         swapper="mesh", chunk=1, settings={"detect_ahead": False}),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, detect ahead", 2, swapper="mesh", chunk=1,
+                         settings={"detect_ahead": True}),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, SR batch 1", 2, swapper="mesh", chunk=1,
+                         settings={"sr_max_batch": 1}),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, SR batch 2", 2, swapper="mesh", chunk=1,
+                         settings={"sr_max_batch": 2}),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, GIL switch interval 1 ms", 2,
+                         swapper="mesh", chunk=1, switch_interval_s=0.001),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, SR batch 2 + detect ahead + switch 1 ms", 2,
+                         swapper="mesh", chunk=1, settings={"sr_max_batch": 2, "detect_ahead": True},
+                         switch_interval_s=0.001),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, 16-frame batches", 2, swapper="mesh",
                          chunk=1, settings=b16),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, Triton SR", 2, swapper="mesh", chunk=1,

@@ -54,6 +54,9 @@ fill() {  # fill DIR WITH_AV MODEL_FILE...
     cp "$STORE/$rel" "$dir/models-store/$rel"
   done
   "$PY" bench/make_clip.py --out /dev/null --export-images "$dir/images" >/dev/null
+  # tests/gpu's mesh test reads this insightface image from $FACEFARM_TEST_IMAGES
+  cp "$("$PY" -c 'import insightface, os; print(os.path.dirname(insightface.__file__))')/data/images/Tom_Hanks_54745.png" \
+    "$dir/images/"
 }
 
 # The farm benchmark (bench/farm_bench.py) also needs Celery and its dependencies (the GPU image has

@@ -109,7 +109,10 @@ class Settings(BaseSettings):
     mesh_compositor: Literal["auto", "batched", "torch", "cv2"] = "auto"
     # detect (and smooth) the next batch's faces in a thread of its own while the current batch swaps:
     # on CUDA the two stages overlap (their own streams); off runs both in the face-stage thread
-    detect_ahead: bool = True
+    detect_ahead: bool = False
+    # most frames one SR call takes at once: bigger batches mean longer kernels, which the face stage's
+    # small kernels (on a higher-priority stream) must wait behind at every sync
+    sr_max_batch: int = Field(default=8, ge=1)
     encoder_threads: int = 2
 
     # --- flower / observability ------------------------------------------------------------

@@ -11,7 +11,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
-from contextlib import closing, suppress
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,12 +34,20 @@ _SENTINEL: Any = object()
 
 @dataclass
 class _StageClock:
-    """Per-stage wall seconds, summed over batches."""
+    """Per-stage wall seconds, summed over batches, and the CPU seconds of the thread that ran them
+    (``cpu.<stage>``): wall well above CPU means the stage waited (on the device, or on the GIL)."""
 
     seconds: dict[str, float] = field(default_factory=dict)
 
-    def add(self, stage: str, since: float) -> None:
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - since
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - wall
+            key = f"cpu.{stage}"
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.thread_time() - cpu
 
 
 def render_chunk(
@@ -69,9 +77,8 @@ def render_chunk(
     def finish(item: tuple[np.ndarray, list[int]]) -> tuple[np.ndarray, list[int]]:
         frames, pts = item
         if sr_step is not None:
-            started = time.perf_counter()
-            frames = sr_step(frames)
-            clock.add("super_res", started)
+            with clock.timed("super_res"):
+                frames = sr_step(frames)
         if spec.options.watermark:  # after SR: the label is the same size in every output
             frames = apply_watermark(frames)
         return frames, pts
@@ -82,9 +89,8 @@ def render_chunk(
     with open_encoder(output_path, spec.encoder) as encoder:
 
         def encode(item: tuple[np.ndarray, list[int]]) -> None:
-            started = time.perf_counter()
-            encoder.write(np.ascontiguousarray(item[0]), item[1])
-            clock.add("encode", started)
+            with clock.timed("encode"):
+                encoder.write(np.ascontiguousarray(item[0]), item[1])
 
         # decode, detect (own threads) -> swap (this thread) -> super-resolution, encode (own threads)
         encode_stage = _Stage(f"encode-{spec.index}", encode, errors)
@@ -96,10 +102,8 @@ def render_chunk(
                         raise JobCancelledError(f"job {spec.job_id} was cancelled", job_id=spec.job_id)
                     if errors:
                         raise errors[0]
-                    started = time.perf_counter()
-                    with session.face_stream_context("swap"):
+                    with clock.timed("faces"), session.face_stream_context("swap"):
                         swapped = engine.swap_found(batch.frames, faces, batch.output_mask)
-                    clock.add("faces", started)
                     keep = [i for i, out in enumerate(batch.output_mask) if out]
                     if not keep:
                         continue
@@ -179,10 +183,8 @@ def _faces_found(
     if not session.settings.detect_ahead:
         with closing(decoded):
             for batch in decoded:
-                started = time.perf_counter()
-                with session.face_stream_context("swap"):
+                with clock.timed("faces"), session.face_stream_context("swap"):
                     faces = engine.find_faces(batch.frames)
-                clock.add("faces", started)
                 yield batch, faces
         return
 
@@ -206,12 +208,11 @@ def _prefetched(batches: Iterator[Any], clock: _StageClock, stage: str) -> Gener
     def produce() -> None:
         try:
             while not stop.is_set():
-                started = time.perf_counter()
                 try:
-                    batch = next(batches)
+                    with clock.timed(stage):
+                        batch = next(batches)
                 except StopIteration:
                     break
-                clock.add(stage, started)
                 while not stop.is_set():
                     with suppress(queue.Full):
                         ready.put(batch, timeout=0.1)

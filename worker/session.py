@@ -43,8 +43,10 @@ from worker.runtime.telemetry import collect_runtime_stats
 
 log = logging.getLogger(__name__)
 
-SR_MAX_BATCH = 8
 _CALIBRATION_TILE_PX = 128
+# free memory (above 1 GiB) is rounded down to this before planning, so a worker plans each frame size once
+# (planning walks a few thousand tile shapes: ~10-30 ms of Python that holds the GIL)
+_PLAN_FREE_QUANTUM = 64 << 20
 
 SrStep = Callable[[np.ndarray], np.ndarray]
 
@@ -65,6 +67,7 @@ class RenderSession:
         self._sr_stream: torch.cuda.Stream | None = None
         self._face_streams: dict[str, torch.cuda.Stream] = {}
         self._bytes_per_pixel = BytesPerPixelCache()
+        self._plans: dict[tuple[Any, ...], list[TilePlan]] = {}
         self.oom = OomCounter()
         self.tile_override_px: int | None = None  # tests and benchmarks pin a square core (standard pad)
 
@@ -212,17 +215,25 @@ class RenderSession:
             device=model.device,
             declared=float(descriptor.bytes_per_pixel),
         )
-        return plan_sr_tiles(
-            height,
-            width,
-            bytes_per_pixel=bpp,
-            scale=model.scale,
-            value_bytes=value_bytes,
-            free_bytes=activation_bytes(self.budget, self.device),
-            pad_px=SR_PAD_PX,
-            max_batch=SR_MAX_BATCH,
-            min_core_px=MIN_CORE_PX,
-        )
+        free = activation_bytes(self.budget, self.device)
+        if free > 16 * _PLAN_FREE_QUANTUM:  # small budgets plan with the exact figure
+            free = free // _PLAN_FREE_QUANTUM * _PLAN_FREE_QUANTUM
+        key = (height, width, bpp, model.scale, value_bytes, free)
+        if key not in self._plans:
+            if len(self._plans) >= 256:
+                self._plans.clear()
+            self._plans[key] = plan_sr_tiles(
+                height,
+                width,
+                bytes_per_pixel=bpp,
+                scale=model.scale,
+                value_bytes=value_bytes,
+                free_bytes=free,
+                pad_px=SR_PAD_PX,
+                max_batch=self.settings.sr_max_batch,
+                min_core_px=MIN_CORE_PX,
+            )
+        return list(self._plans[key])
 
     def batch_frames(self, options: JobOptions) -> int:
         """The decode batch for this job: larger when its paged weights cannot all stay resident."""

@@ -128,7 +128,7 @@ class ChunkEncoder:
         raise ValueError(f"frame is {rgb.shape[1]}x{rgb.shape[0]}, the encoder expects {width}x{height}")
 
     def _to_yuv(self, rgb: np.ndarray) -> av.VideoFrame:
-        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        frame = rgb_frame(rgb)
         return frame.reformat(
             format=self._settings.pix_fmt,
             src_colorspace=self._matrix,
@@ -172,6 +172,21 @@ class ChunkEncoder:
             except av.error.FFmpegError:
                 pass
             self.path.unlink(missing_ok=True)
+
+
+def rgb_frame(rgb: np.ndarray) -> av.VideoFrame:
+    """An rgb24 ``av.VideoFrame`` holding a copy of (H,W,3) uint8 ``rgb``.
+
+    ``VideoFrame.from_ndarray`` copies while holding the GIL (a 4K frame stalled every other thread of
+    the render process for ~3-6 ms, and the conversion pool runs several at once); numpy's copy into
+    the frame's own plane releases it.
+    """
+    height, width = rgb.shape[:2]
+    frame = av.VideoFrame(width, height, "rgb24")
+    plane = frame.planes[0]
+    rows = np.frombuffer(plane, np.uint8).reshape(height, plane.line_size)
+    np.copyto(rows[:, : width * 3].reshape(height, width, 3), rgb)
+    return frame
 
 
 def open_encoder(path: Path, settings: EncoderSettings) -> ChunkEncoder:

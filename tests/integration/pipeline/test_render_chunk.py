@@ -280,14 +280,13 @@ def test_a_detection_error_in_the_detect_thread_fails_the_chunk_and_stops_its_th
 
     monkeypatch.setattr(FaceEngine, "find_faces", failing)
     spec = chunk_specs(clip.video, cpu_settings, lossless_options, chunk_frames=20)[0]
-    assert cpu_settings.detect_ahead
     with pytest.raises(RuntimeError, match="batch 2"):
         render_chunk(
             spec,
             source=str(clip.video),
             face_path=clip.face,
             output_path=tmp_path / "c.mp4",
-            settings=cpu_settings,
+            settings=cpu_settings.model_copy(update={"detect_ahead": True}),
             on_progress=lambda n: None,
             should_stop=lambda: False,
             log=lambda line: None,
