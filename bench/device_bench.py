@@ -13,6 +13,7 @@ A short table is printed last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import gc
 import io
@@ -708,11 +709,14 @@ class PipelineCase:
     swapper: str = "classic"
     mode: str = "pipelined"  # pipelined | accelerated | unbudgeted | per_frame
     settings: dict[str, Any] | None = None  # Settings fields this case overrides (e.g. batch_frames)
-    profile: bool = False  # cProfile the face-stage thread (adds a little host time; a row of its own)
+    # cProfile the render (Python 3.12's cProfile sees every thread, not only the face stage; adds host
+    # time: a row of its own)
+    profile: bool = False
+    # torch.profiler over the render (CPU and CUDA): the ops with the most self CUDA / CPU time
+    torch_profile: bool = False
     # which chunk of the clip: frames [chunk * N, (chunk + 1) * N). Chunk 1 after chunk 0 is a warm
     # process meeting new faces (new batch shapes), as a worker's next chunk does
     chunk: int = 0
-    switch_interval_s: float | None = None  # sys.setswitchinterval for this case (None: Python's 5 ms)
 
 
 def profile_table(profiler: cProfile.Profile, top: int = 30) -> list[str]:
@@ -720,6 +724,27 @@ def profile_table(profiler: cProfile.Profile, top: int = 30) -> list[str]:
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
     return [line for line in text.getvalue().splitlines() if line.strip()][-top - 1 :]
+
+
+def torch_profiler(device: torch.device) -> Any:
+    """A torch.profiler context over CPU ops (and CUDA kernels on CUDA), every thread."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    return profile(activities=activities)
+
+
+def torch_profile_tables(trace: Any, top: int = 25) -> dict[str, list[str]]:
+    """The ``top`` ops by self device time and by self CPU time, as table lines."""
+    averages = trace.key_averages()
+    tables = {}
+    for key in ("self_cuda_time_total", "self_cpu_time_total"):
+        try:
+            text = averages.table(sort_by=key, row_limit=top, max_name_column_width=60)
+        except (AttributeError, KeyError, RuntimeError):  # no CUDA activity on a CPU run
+            continue
+        tables[key] = [line for line in text.splitlines() if line.strip()]
+    return tables
 
 
 def _pipeline_runs(ctx: BenchContext, device: torch.device, width: int, height: int, frames: int,
@@ -809,9 +834,6 @@ def _pipeline_runs(ctx: BenchContext, device: torch.device, width: int, height: 
         switch_interval = sys.getswitchinterval()
         try:
             free_memory(device)
-            if case.switch_interval_s is not None:
-                sys.setswitchinterval(case.switch_interval_s)
-                row["switch_interval_s"] = case.switch_interval_s
             output = work / f"{case.mode}-{case.swapper}-x{case.upscale}.mp4"
             torch.backends.cudnn.benchmark = row["cudnn_benchmark"]
             if case.mode == "per_frame":
@@ -837,16 +859,20 @@ def _pipeline_runs(ctx: BenchContext, device: torch.device, width: int, height: 
                                         on_progress=lambda n: None, should_stop=lambda: False, log=lambda s: None)  # fmt: skip
                     row["warmup_frames"] = warm.frames
                     profiler = cProfile.Profile() if case.profile else None
+                    traced = torch_profiler(device) if case.torch_profile else contextlib.nullcontext()
                     t0, c0 = time.perf_counter(), time.process_time()
                     if profiler is not None:
-                        profiler.enable()  # the calling thread only: the face stage
-                    stats = render_chunk(spec_for(case, frames, output.name), source=str(clip.path), face_path=face_path,
-                                         output_path=output, settings=settings_for(case), on_progress=lambda n: None,
-                                         should_stop=lambda: False, log=lambda s: None)  # fmt: skip
+                        profiler.enable()
+                    with traced as trace:
+                        stats = render_chunk(spec_for(case, frames, output.name), source=str(clip.path), face_path=face_path,
+                                             output_path=output, settings=settings_for(case), on_progress=lambda n: None,
+                                             should_stop=lambda: False, log=lambda s: None)  # fmt: skip
                     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
                     if profiler is not None:
                         profiler.disable()
                         row["face_thread_profile"] = profile_table(profiler)
+                    if trace is not None:
+                        row["torch_profile"] = torch_profile_tables(trace)
                 row.update(frames=stats.frames, faces=stats.faces, faces_by_path=stats.faces_by_path,
                            wall_s=round(wall, 3), cpu_s=round(cpu, 3),
                            stage_seconds=stats.stage_seconds)  # fmt: skip
@@ -906,23 +932,23 @@ def part_pipeline(ctx: BenchContext) -> dict[str, Any]:
                          mode="per_frame", chunk=1),
             PipelineCase(f"render_chunk pipelined x2, {mesh} (what ships, next chunk of the process)", 2,
                          swapper="mesh", chunk=1),
-            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, detect ahead", 2, swapper="mesh", chunk=1,
-                         settings={"detect_ahead": True}),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, SR batch 1", 2, swapper="mesh", chunk=1,
                          settings={"sr_max_batch": 1}),
-            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, SR batch 2", 2, swapper="mesh", chunk=1,
-                         settings={"sr_max_batch": 2}),
-            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, GIL switch interval 1 ms", 2,
-                         swapper="mesh", chunk=1, switch_interval_s=0.001),
-            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, SR batch 2 + detect ahead + switch 1 ms", 2,
-                         swapper="mesh", chunk=1, settings={"sr_max_batch": 2, "detect_ahead": True},
-                         switch_interval_s=0.001),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, SR batch 8", 2, swapper="mesh", chunk=1,
+                         settings={"sr_max_batch": 8}),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, GIL switch interval 5 ms (Python's)", 2,
+                         swapper="mesh", chunk=1, settings={"gil_switch_interval_ms": 5.0}),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, detect in the face thread", 2,
+                         swapper="mesh", chunk=1, settings={"detect_ahead": "off"}),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, SR batch 8, detect in the face thread, 5 ms"
+                         " switch interval (session 3's settings)", 2, swapper="mesh", chunk=1,
+                         settings={"sr_max_batch": 8, "detect_ahead": "off", "gil_switch_interval_ms": 5.0}),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, 16-frame batches", 2, swapper="mesh",
                          chunk=1, settings=b16),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, Triton SR", 2, swapper="mesh", chunk=1,
                          settings={"sr_kernels": "triton"}),
-            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, face thread profiled", 2, swapper="mesh",
-                         chunk=1, profile=True),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, torch.profiler", 2, swapper="mesh",
+                         chunk=1, torch_profile=True),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, per-face cv2 compositor", 2,
                          swapper="mesh", chunk=1, settings={"mesh_compositor": "cv2"}),
             PipelineCase(f"per-frame synchronous x1 (1080p out), {mesh} [baseline]", 1, swapper="mesh", mode="per_frame"),

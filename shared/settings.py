@@ -107,12 +107,16 @@ class Settings(BaseSettings):
     sr_kernels: Literal["auto", "cudnn", "triton"] = "cudnn"
     # where the mesh swapper blends: "auto" = all faces of a batch at once on CUDA, cv2 on the CPU
     mesh_compositor: Literal["auto", "batched", "torch", "cv2"] = "auto"
-    # detect (and smooth) the next batch's faces in a thread of its own while the current batch swaps:
-    # on CUDA the two stages overlap (their own streams); off runs both in the face-stage thread
-    detect_ahead: bool = False
+    # detect (and smooth) the next batch's faces in a thread of its own while the current batch swaps,
+    # each on its own CUDA stream; "off" runs both in the face-stage thread; "auto" = on with CUDA.
+    # On the H200 it only paid with the 1 ms switch interval below (bench/RESULTS.md)
+    detect_ahead: Literal["auto", "on", "off"] = "auto"
     # most frames one SR call takes at once: bigger batches mean longer kernels, which the face stage's
-    # small kernels (on a higher-priority stream) must wait behind at every sync
-    sr_max_batch: int = Field(default=8, ge=1)
+    # small kernels (on a higher-priority stream) must wait behind at every sync (2 beat 1 and 8)
+    sr_max_batch: int = Field(default=2, ge=1)
+    # the render process's sys.setswitchinterval: the face thread drops the GIL at every torch op and
+    # then waits up to one interval to get it back from the other stage threads (Python's default: 5)
+    gil_switch_interval_ms: float = Field(default=1.0, gt=0)
     encoder_threads: int = 2
 
     # --- flower / observability ------------------------------------------------------------

@@ -8,6 +8,7 @@ queues so the device never waits on the CPU codec (and memory stays bounded to a
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
@@ -68,6 +69,8 @@ def render_chunk(
     ``InvalidVideoError`` when the decoded or encoded frame count differs from the plan.
     """
     session = get_session(settings)
+    # process-wide, and idempotent: this process's stage threads are what contend for the GIL
+    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000.0)
     clock = _StageClock()
     engine = create_face_engine(spec.options, face_path, reference_path, session)
     sr_step = session.super_resolver(spec.options) if spec.options.upscale > 1 else None
@@ -177,10 +180,10 @@ def _decode(spec: ChunkSpec, source: str, batch_frames: int) -> Iterator[FrameBa
 def _faces_found(
     spec: ChunkSpec, source: str, engine: FaceEngine, session: RenderSession, clock: _StageClock
 ) -> Iterator[tuple[FrameBatch, list[list[Face]]]]:
-    """Decoded batches with their faces. Decoding runs ahead in its thread; with ``detect_ahead`` so
+    """Decoded batches with their faces. Decoding runs ahead in its thread; with detect-ahead so
     does detection (on its own CUDA stream), one batch ahead of the swap, else the caller detects."""
     decoded = _prefetched(_decode(spec, source, session.batch_frames(spec.options)), clock, "decode")
-    if not session.settings.detect_ahead:
+    if not session.detect_ahead:
         with closing(decoded):
             for batch in decoded:
                 with clock.timed("faces"), session.face_stream_context("swap"):

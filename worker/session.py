@@ -77,6 +77,12 @@ class RenderSession:
         return self._device.get()
 
     @property
+    def detect_ahead(self) -> bool:
+        """Whether face detection runs one batch ahead in its own thread (``Settings.detect_ahead``)."""
+        mode = self.settings.detect_ahead
+        return mode == "on" or (mode == "auto" and self.device.type == "cuda")
+
+    @property
     def store(self) -> Path:
         """The local model store (an ``s3://`` store is synced to a local cache first)."""
         if self._store is None:

@@ -146,7 +146,10 @@ class FaceEngine:
         return {
             "faces": self._faces,
             "faces_by_path": dict(self._by_path),
-            "stage_seconds": dict(self._seconds),
+            "stage_seconds": {
+                **self._seconds,
+                **{f"swap.{k}": v for k, v in getattr(self.swapper, "seconds", {}).items()},
+            },
         }
 
     def detect(self, frames: np.ndarray) -> list[list[Face]]:

@@ -256,13 +256,17 @@ def test_detecting_ahead_in_its_own_thread_changes_no_pixel(
     clip: Clip, pipeline_store: Path, lossless_options, tmp_path
 ) -> None:
     outputs = {}
-    for ahead in (True, False):
+    for ahead in ("on", "off"):
         settings = Settings(
-            device="cpu", model_store=str(pipeline_store), batch_frames=4, encoder_threads=1, detect_ahead=ahead
+            device="cpu",
+            model_store=str(pipeline_store),
+            batch_frames=4,
+            encoder_threads=1,
+            detect_ahead=ahead,
         )
         specs = chunk_specs(clip.video, settings, lossless_options, chunk_frames=10)
         outputs[ahead] = decode_all(render_all(specs, clip.video, clip.face, settings, tmp_path / str(ahead)))
-    assert np.array_equal(outputs[True], outputs[False])
+    assert np.array_equal(outputs["on"], outputs["off"])
     assert not [t.name for t in threading.enumerate() if t.name in ("detect", "decode")]
 
 
@@ -286,7 +290,7 @@ def test_a_detection_error_in_the_detect_thread_fails_the_chunk_and_stops_its_th
             source=str(clip.video),
             face_path=clip.face,
             output_path=tmp_path / "c.mp4",
-            settings=cpu_settings.model_copy(update={"detect_ahead": True}),
+            settings=cpu_settings.model_copy(update={"detect_ahead": "on"}),
             on_progress=lambda n: None,
             should_stop=lambda: False,
             log=lambda line: None,

@@ -8,6 +8,7 @@ fall back to ``classic`` one by one, and ``SwapOutput.paths`` says which path ea
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -143,6 +144,8 @@ class MeshSwapper:
         self.topology: MeshTopology = load_topology()
         self.landmarker = FaceMeshLandmarker(store, device, dtype=dtype)
         self.tracker = FaceTracker()
+        # wall seconds of swap_batch's two halves, summed: the mesh net + tracking, then the blend
+        self.seconds = {"landmarks": 0.0, "blend": 0.0}
         self._classic: object | None = None
         points, presence, _ = self.landmarker.landmarks_refined(
             [self.source_image], [roi_from_face(source_face, 0)]
@@ -222,7 +225,13 @@ class MeshSwapper:
         window of the frame.
         """
         frames = np.asarray(frames)
-        return self.blend_batch(frames, faces, self.track_meshes(frames, faces))
+        started = time.perf_counter()
+        meshes = self.track_meshes(frames, faces)
+        tracked = time.perf_counter()
+        outputs = self.blend_batch(frames, faces, meshes)
+        self.seconds["landmarks"] += tracked - started
+        self.seconds["blend"] += time.perf_counter() - tracked
+        return outputs
 
     def blend_batch(
         self,
