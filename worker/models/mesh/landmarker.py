@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from shared.model_store import require_file
 from worker.models.faces import Face
+from worker.models.mesh.blend_torch import upload
 from worker.models.mesh.tflite_loader import TfliteModule, load_tflite
 
 LANDMARK_FILE = "face_landmark.tflite"
@@ -121,9 +122,10 @@ class FaceMeshLandmarker:
         """Raw net outputs for (N,192,192,3) uint8 crops: points (N,468,3) in crop px and presence (N,)."""
         outputs = []
         for start in range(0, len(crops), self.max_batch):
-            chunk = torch.from_numpy(np.ascontiguousarray(crops[start : start + self.max_batch]))
+            chunk = crops[start : start + self.max_batch]
             n = len(chunk)
-            x = chunk.to(self.device).permute(0, 3, 1, 2).to(self.dtype).div_(255.0)
+            # pinned and queued: a pageable upload waits behind other threads' pageable copies
+            x = upload(chunk, self.device).permute(0, 3, 1, 2).to(self.dtype).div_(255.0)
             # a few batch sizes only: cuDNN builds its plans once per conv shape, and a new face count
             # every batch made the first chunks of a worker 3x slower on an H200 (bench/RESULTS.md)
             x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, batch_bucket(n) - n))
