@@ -155,21 +155,34 @@ def _to_uint8_nhwc(y: Tensor, down: int) -> Tensor:
     """NCHW [0,1] in any dtype -> NHWC uint8, averaged down by ``down``; rounded in fp32 like the
     whole-frame path, but one band of rows at a time, so a 4K output needs no fp32 copy.
 
-    Every step works in NHWC order, which is how a channels_last net's output already lies in memory:
-    in NCHW order each band was transposed twice, and those strided copies took 1.6 of the 5 GPU
-    seconds of a 1080p -> 4K chunk on an H200 (bench/RESULTS.md). Values are the same either way.
-    An fp32 ``y`` at ``down`` 1 is scaled in place (the caller drops it).
+    The work follows ``y``'s memory layout, so the full-size fp32 bands are never transposed: those
+    strided copies took about 1.6 of the 5 GPU-seconds of a 1080p -> 4K chunk on an H200
+    (bench/RESULTS.md). A channels_last ``y`` is converted in NHWC order throughout; an NCHW one
+    band by band in NCHW order, then transposed once as uint8 after the averaging (1/16 of the bytes).
+    Values are the same either way. An fp32 ``y`` at ``down`` 1 is scaled in place (the caller drops it).
     """
     n, c, height, width = y.shape
     out = torch.empty(n, height // down, width // down, c, dtype=torch.uint8, device=y.device)
-    nhwc = y.permute(0, 2, 3, 1)  # a view; contiguous when y is channels_last
     band = max(down, UINT8_BAND_OUT_ROWS // down * down)
+    nhwc = y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    source = y.permute(0, 2, 3, 1) if nhwc else y  # NHWC view of channels_last memory, or NCHW
+    planes = (
+        out if nhwc else torch.empty(n, c, height // down, width // down, dtype=torch.uint8, device=y.device)
+    )
     for top in range(0, height, band):
-        part = nhwc[:, top : top + band].float()
-        if down > 1:
-            part = F.avg_pool2d(part.permute(0, 3, 1, 2), kernel_size=down).permute(0, 2, 3, 1)
         row = top // down
-        out[:, row : row + part.shape[1]] = part.mul_(255.0).round_().clamp_(0, 255)
+        if nhwc:
+            part = source[:, top : top + band].float()
+            if down > 1:
+                part = F.avg_pool2d(part.permute(0, 3, 1, 2), kernel_size=down).permute(0, 2, 3, 1)
+            planes[:, row : row + part.shape[1]] = part.mul_(255.0).round_().clamp_(0, 255)
+        else:
+            part = source[:, :, top : top + band].float()
+            if down > 1:
+                part = F.avg_pool2d(part, kernel_size=down)
+            planes[:, :, row : row + part.shape[2]] = part.mul_(255.0).round_().clamp_(0, 255)
+    if not nhwc:
+        out.copy_(planes.permute(0, 2, 3, 1))
     return out
 
 
