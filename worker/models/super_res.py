@@ -227,10 +227,9 @@ def upscale_frames(
     with torch.inference_mode():
         for start in range(0, len(frames), per_call):
             x = torch.from_numpy(frames[start : start + per_call])
-            if host is not None:  # pinned and queued, like the download
-                x = x.pin_memory().to(model.device, non_blocking=True)
-            x = x.to(model.device).permute(0, 3, 1, 2)
-            x = x.to(model.dtype).div_(255.0)
+            # on CUDA pinned and queued, like the download
+            x = x.pin_memory().to(model.device, non_blocking=True) if host is not None else x.to(model.device)
+            x = x.permute(0, 3, 1, 2).to(model.dtype).div_(255.0)
             if whole:
                 y = model.run(x)
             else:

@@ -130,10 +130,13 @@ def test_face_image_without_a_face_fails_with_one_line(sandbox: Path, media: dic
 
 
 def test_ctrl_c_stops_every_embedded_service(sandbox: Path, media: dict[str, Path]) -> None:
+    # each rendered batch sleeps 2 s, so the interrupt lands mid-render however fast the machine is
+    # (the unslowed tiny render once finished before the signal arrived)
+    env = {**cli_env(sandbox), "FACEFARM_FAULT_INJECTION": "sleep:chunk,s=2"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "facefarm", "render", str(media["video"]), "--face", str(media["face"]),
          "-o", str(sandbox / "o.mp4"), "--swapper", "classic", "--gpus", "none"],
-        cwd=sandbox, env=cli_env(sandbox), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=sandbox, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 60

@@ -60,17 +60,7 @@ def test_batches_are_padded_to_a_few_sizes_without_changing_the_points(detector,
     the padding rows never reach the results."""
     from worker.models.mesh import landmarker as module
 
-    assert [module.batch_bucket(n) for n in (1, 2, 3, 5, 9, 16, 17, 33, 64)] == [
-        1,
-        2,
-        4,
-        8,
-        16,
-        16,
-        32,
-        48,
-        64,
-    ]
+    assert [module.batch_bucket(n) for n in (1, 2, 3, 5, 9, 16, 17, 33, 64)] == [1, 2, 4, 8, 16, 16, 32, 48, 64]
     seen: list[int] = []
     net = landmarker.net
     monkeypatch.setattr(landmarker, "net", lambda x: (seen.append(len(x)), net(x))[1])

@@ -174,3 +174,29 @@ def test_the_session_keeps_the_configured_batch_on_the_cpu(model_store: Path, tm
     settings = Settings(device="cpu", model_store=str(model_store), batch_frames=5, model_cache_dir=tmp_path)
     options = JobOptions.model_validate({"upscale": 2, "face_enhancer": "gfpgan"})
     assert RenderSession(settings).batch_frames(options) == 5
+
+
+def test_sr_plans_are_computed_once_per_frame_size_and_budget(model_store: Path, tmp_path, monkeypatch) -> None:
+    """Planning walks thousands of tile shapes; a worker plans each frame size once, and a new size
+    or the configured SR batch gets its own plan."""
+    import worker.session as session_module
+
+    calls: list[tuple[int, int, int]] = []
+    real = session_module.plan_sr_tiles
+
+    def counting(height: int, width: int, **kw: object) -> list:
+        calls.append((height, width, int(kw["max_batch"])))  # type: ignore[call-overload]
+        return real(height, width, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(session_module, "plan_sr_tiles", counting)
+    settings = Settings(
+        device="cpu", model_store=str(model_store), gpu_budget="1GiB", model_cache_dir=tmp_path, sr_max_batch=3
+    )
+    session = RenderSession(settings)
+    options = JobOptions(upscale=2, sr_model="realesr-animevideov3")
+    step = session.super_resolver(options)
+    frames = np.zeros((4, 24, 32, 3), np.uint8)
+    first = step(frames)
+    assert np.array_equal(step(frames), first)
+    step(np.zeros((2, 16, 16, 3), np.uint8))
+    assert calls == [(24, 32, 3), (16, 16, 3)]
