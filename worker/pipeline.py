@@ -110,7 +110,8 @@ def render_chunk(
                     keep = [i for i, out in enumerate(batch.output_mask) if out]
                     if not keep:
                         continue
-                    finish_stage.put((swapped[keep], [batch.pts[i] for i in keep]))
+                    frames_out = swapped if len(keep) == len(swapped) else swapped[keep]  # no 50 MB copy
+                    finish_stage.put((frames_out, [batch.pts[i] for i in keep]))
                     frames_done += len(keep)
                     on_progress(frames_done)
         finally:

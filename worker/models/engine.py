@@ -202,18 +202,23 @@ class FaceEngine:
     def _swap(
         self, frames: np.ndarray, detections: Sequence[list[Face]], output_mask: Sequence[bool]
     ) -> np.ndarray:
-        result = np.array(frames, dtype=np.uint8, copy=True)
         wanted = [i for i, keep in enumerate(output_mask) if keep or self._swap_warmup]
         if not wanted:
-            return result
+            return np.array(frames, dtype=np.uint8, copy=True)
         t0 = time.perf_counter()
-        batch = frames[wanted]
+        # swappers never write into their input, so a batch of all the frames needs no copy (a 1080p
+        # batch is 50 MB, copied in the face thread)
+        batch = frames if len(wanted) == len(frames) else frames[wanted]
         selected = self.selector.select(batch, [detections[i] for i in wanted])
         outputs = self.swapper.swap_batch(batch, selected)
         self._seconds["swap"] += time.perf_counter() - t0
 
-        for j, i in enumerate(wanted):
-            if not output_mask[i]:
+        result = np.empty(frames.shape, dtype=np.uint8)  # every row is written once, below
+        swapped = dict(zip(wanted, range(len(wanted)), strict=True))
+        for i in range(len(frames)):
+            j = swapped.get(i)
+            if j is None or not output_mask[i]:
+                result[i] = frames[i]
                 continue
             frame = outputs[j].frame
             self._faces += len(outputs[j].paths)
