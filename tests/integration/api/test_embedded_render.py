@@ -131,27 +131,34 @@ def test_face_image_without_a_face_fails_with_one_line(sandbox: Path, media: dic
 
 def test_ctrl_c_stops_every_embedded_service(sandbox: Path, media: dict[str, Path]) -> None:
     # each rendered batch sleeps 2 s, so the interrupt lands mid-render however fast the machine is
-    # (the unslowed tiny render once finished before the signal arrived)
     env = {**cli_env(sandbox), "FACEFARM_FAULT_INJECTION": "sleep:chunk,s=2"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "facefarm", "render", str(media["video"]), "--face", str(media["face"]),
          "-o", str(sandbox / "o.mp4"), "--swapper", "classic", "--gpus", "none"],
         cwd=sandbox, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # a suite started in the background (`cmd &`) inherits SIGINT ignored, and so would the CLI
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
+    started = time.monotonic()
     try:
-        deadline = time.monotonic() + 60
+        deadline = started + 60
         # redis-server, the API, two workers and their pool children: all run in the farm's temp dir
-        while len([p for p in processes_under(sandbox) if p != proc.pid]) < 6:
+        while len(seen := [p for p in processes_under(sandbox) if p != proc.pid]) < 6:
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "embedded services did not start"
             time.sleep(0.2)
+        signalled = time.monotonic() - started
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
+        stdout, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130
+    ended = time.monotonic() - started
+    assert proc.returncode == 130, (
+        f"exit {proc.returncode}: SIGINT at {signalled:.1f} s with {len(seen)} processes up, exit at "
+        f"{ended:.1f} s\nstdout: {stdout[-1500:]}\nstderr: {stderr[-1500:]}"
+    )
     assert stderr.strip().splitlines() == ["facefarm: error: interrupted"]
     assert processes_under(sandbox) == []
     assert os.listdir(sandbox) == []  # the temp dir is gone too
