@@ -38,7 +38,7 @@ from tests.integration.ops.processes import Services, redis_config, services, wa
 
 pytestmark = pytest.mark.integration
 
-FRAMES, CHUNK_FRAMES = 144, 8
+FRAMES, CHUNK_FRAMES = 288, 8  # 36 chunks: enough left when the late host has registered (~5 s)
 REDIS_PORT, S3_PORT, API_PORT = 6379, 9000, 8000  # the compose ports: free in a fresh namespace
 JOB_TIMEOUT_S = 240.0
 RENDER_NODE = "cpu0-0"  # `facefarm worker --gpus none`'s node name, @ the host's name
