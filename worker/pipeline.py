@@ -180,7 +180,7 @@ def _decode(spec: ChunkSpec, source: str, batch_frames: int) -> Iterator[FrameBa
 
 def _faces_found(
     spec: ChunkSpec, source: str, engine: FaceEngine, session: RenderSession, clock: _StageClock
-) -> Iterator[tuple[FrameBatch, list[list[Face]]]]:
+) -> Generator[tuple[FrameBatch, list[list[Face]]], None, None]:
     """Decoded batches with their faces. Decoding runs ahead in its thread; with detect-ahead so
     does detection (on its own CUDA stream), one batch ahead of the swap, else the caller detects."""
     decoded = _prefetched(_decode(spec, source, session.batch_frames(spec.options)), clock, "decode")

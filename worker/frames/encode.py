@@ -184,7 +184,7 @@ def rgb_frame(rgb: np.ndarray) -> av.VideoFrame:
     height, width = rgb.shape[:2]
     frame = av.VideoFrame(width, height, "rgb24")
     plane = frame.planes[0]
-    rows = np.frombuffer(plane, np.uint8).reshape(height, plane.line_size)
+    rows = np.frombuffer(memoryview(plane), np.uint8).reshape(height, plane.line_size)
     np.copyto(rows[:, : width * 3].reshape(height, width, 3), rgb)
     return frame
 

@@ -169,18 +169,13 @@ def _to_uint8_nhwc(y: Tensor, down: int) -> Tensor:
     planes = (
         out if nhwc else torch.empty(n, c, height // down, width // down, dtype=torch.uint8, device=y.device)
     )
+    rows = 1 if nhwc else 2  # the dimension that holds the rows
     for top in range(0, height, band):
-        row = top // down
-        if nhwc:
-            part = source[:, top : top + band].float()
-            if down > 1:
-                part = F.avg_pool2d(part.permute(0, 3, 1, 2), kernel_size=down).permute(0, 2, 3, 1)
-            planes[:, row : row + part.shape[1]] = part.mul_(255.0).round_().clamp_(0, 255)
-        else:
-            part = source[:, :, top : top + band].float()
-            if down > 1:
-                part = F.avg_pool2d(part, kernel_size=down)
-            planes[:, :, row : row + part.shape[2]] = part.mul_(255.0).round_().clamp_(0, 255)
+        part = source.narrow(rows, top, min(band, height - top)).float()
+        if down > 1:  # avg_pool2d takes NCHW order (it runs on the memory as it lies)
+            part = F.avg_pool2d(part.permute(0, 3, 1, 2) if nhwc else part, kernel_size=down)
+            part = part.permute(0, 2, 3, 1) if nhwc else part
+        planes.narrow(rows, top // down, part.shape[rows]).copy_(part.mul_(255.0).round_().clamp_(0, 255))
     if not nhwc:
         out.copy_(planes.permute(0, 2, 3, 1))
     return out

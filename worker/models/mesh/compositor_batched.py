@@ -31,8 +31,8 @@ from worker.models.mesh.compositor_torch import FacePlan
 from worker.models.mesh.raster_torch import (
     covers,
     fill_from_nearest_batched,
-    pair_chunks,
     pixel_boxes,
+    pixel_pairs,
     scan_tables_torch,
 )
 from worker.models.mesh.triangles import MeshTopology
@@ -415,15 +415,7 @@ class BatchedCompositor:
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(n_tris, device=dev).expand(f, -1))
         rank = torch.where(valid, rank, -1).reshape(-1)
         out = torch.full((f * hm * wm,), -1, dtype=torch.int64, device=dev)
-        for start, stop in pair_chunks(counts, _PAIRS_PER_SCATTER):
-            chunk = counts[start:stop]
-            n_pairs = int(chunk.sum())
-            if n_pairs == 0:
-                continue
-            offsets = upload(np.stack([chunk, np.cumsum(chunk) - chunk]), dev)  # counts, first pair
-            local = torch.arange(start, stop, device=dev)
-            tri = torch.repeat_interleave(local, offsets[0], output_size=n_pairs)
-            k = torch.arange(n_pairs, device=dev) - offsets[1][tri - start]
+        for tri, k in pixel_pairs(counts, dev, _PAIRS_PER_SCATTER):
             t = _Gathered(columns, tri)
             width = t[_BOX_COL + 2]
             px = t[_BOX_COL] + k % width

@@ -9,6 +9,7 @@ is per triangle only (468 points, ~900 triangles); nothing per pixel touches the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Protocol
 
 import numpy as np
@@ -59,15 +60,7 @@ def rasterise(
     table, boxes = fill_tables(v16[triangles[drawn]], (h, w))
     counts = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     table_t = upload(np.concatenate([table, boxes[:, :2], boxes[:, 2:3] - boxes[:, :1]], axis=1), device)
-    for start, stop in pair_chunks(counts):
-        chunk = counts[start:stop]
-        n_pairs = int(chunk.sum())
-        if n_pairs == 0:
-            continue
-        offsets = upload(np.stack([chunk, np.cumsum(chunk) - chunk]), device)  # counts, first pair
-        local = torch.arange(start, stop, device=device)
-        tri = torch.repeat_interleave(local, offsets[0], output_size=n_pairs)
-        k = torch.arange(n_pairs, device=device) - offsets[1][tri - start]
+    for tri, k in pixel_pairs(counts, device):
         t = table_t[tri].T  # (columns, pairs)
         px = t[_BOX] + k % t[_BOX + 2]
         py = t[_BOX + 1] + k // t[_BOX + 2]
@@ -87,6 +80,22 @@ def pair_chunks(counts: np.ndarray, budget: int = _MAX_PAIRS) -> list[tuple[int,
         bounds.append((start, stop))
         done, start = int(cum[stop - 1]), stop
     return bounds
+
+
+def pixel_pairs(
+    counts: np.ndarray, device: torch.device, budget: int = _MAX_PAIRS
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every (triangle, k-th pixel of its box) pair, ``counts[i]`` pairs for triangle ``i``, in runs of
+    at most ``budget`` pairs (``pair_chunks``): per run, the triangle index and k of each pair."""
+    for start, stop in pair_chunks(counts, budget):
+        chunk = counts[start:stop]
+        n_pairs = int(chunk.sum())
+        if n_pairs == 0:
+            continue
+        offsets = upload(np.stack([chunk, np.cumsum(chunk) - chunk]), device)  # counts, first pair
+        local = torch.arange(start, stop, device=device)
+        tri = torch.repeat_interleave(local, offsets[0], output_size=n_pairs)
+        yield tri, torch.arange(n_pairs, device=device) - offsets[1][tri - start]
 
 
 def _cdiv(a: np.ndarray, b: np.ndarray) -> np.ndarray:
