@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import cProfile
 import gc
+import hashlib
 import io
 import json
 import math
@@ -42,6 +43,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from bench import baselines  # noqa: E402
 from bench.make_clip import SOURCE_FACE, build_canvas, frame_at, load_source_images  # noqa: E402
+from bench.sampling import sampled, summarise  # noqa: E402
 from bench.swapper_like import count_parameters, create_swapper_like  # noqa: E402
 from worker.models.accelerate import (  # noqa: E402
     SpeedOptions,
@@ -53,7 +55,7 @@ from worker.models.accelerate import (  # noqa: E402
 from worker.models.super_res import SrModel, load_sr_model, upscale_frames  # noqa: E402
 from worker.models.tiling import run_tiled  # noqa: E402
 
-PARTS = ("sr", "anime", "swapper", "landmarks", "pipeline", "cpu")
+PARTS = ("sr", "anime", "swapper", "landmarks", "pipeline", "cpu", "conv_sweep")
 # Measured ceilings of one H100 (handbook GPU.md): bf16 dense matmul and device copy bandwidth.
 PEAK_FLOP_S = 790e12
 PEAK_BYTES_S = 3.0e12
@@ -714,6 +716,8 @@ class PipelineCase:
     profile: bool = False
     # torch.profiler over the render (CPU and CUDA): the ops with the most self CUDA / CPU time
     torch_profile: bool = False
+    # py-spy over every thread of the render, from outside (bench/sampling.py): running and GIL-holding
+    py_spy: bool = False
     # which chunk of the clip: frames [chunk * N, (chunk + 1) * N). Chunk 1 after chunk 0 is a warm
     # process meeting new faces (new batch shapes), as a worker's next chunk does
     chunk: int = 0
@@ -860,14 +864,21 @@ def _pipeline_runs(ctx: BenchContext, device: torch.device, width: int, height: 
                     row["warmup_frames"] = warm.frames
                     profiler = cProfile.Profile() if case.profile else None
                     traced = torch_profiler(device) if case.torch_profile else contextlib.nullcontext()
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    if profiler is not None:
-                        profiler.enable()
-                    with traced as trace:
-                        stats = render_chunk(spec_for(case, frames, output.name), source=str(clip.path), face_path=face_path,
-                                             output_path=output, settings=settings_for(case), on_progress=lambda n: None,
-                                             should_stop=lambda: False, log=lambda s: None)  # fmt: skip
-                    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                    spied = sampled(work / "py-spy") if case.py_spy else contextlib.nullcontext({})
+                    with spied as spy_files:
+                        t0, c0 = time.perf_counter(), time.process_time()
+                        if profiler is not None:
+                            profiler.enable()
+                        with traced as trace:
+                            stats = render_chunk(spec_for(case, frames, output.name), source=str(clip.path),
+                                                 face_path=face_path, output_path=output, settings=settings_for(case),
+                                                 on_progress=lambda n: None, should_stop=lambda: False,
+                                                 log=lambda s: None)  # fmt: skip
+                        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                    if case.py_spy:
+                        row["py_spy"] = {kind: summarise(path) for kind, path in spy_files.items()} or (
+                            "py-spy missing or could not attach: unsampled"
+                        )
                     if profiler is not None:
                         profiler.disable()
                         row["face_thread_profile"] = profile_table(profiler)
@@ -880,6 +891,8 @@ def _pipeline_runs(ctx: BenchContext, device: torch.device, width: int, height: 
             row["cpu_cores_busy"] = round(row["cpu_s"] / row["wall_s"], 2)
             row["peak_gib"] = peak_gib(device)
             row["output_bytes"] = output.stat().st_size if output.exists() else None
+            # x264's output is deterministic for the same frames, so equal digests mean equal pictures
+            row["output_md5"] = hashlib.md5(output.read_bytes()).hexdigest() if output.exists() else None
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
             row["traceback"] = traceback.format_exc()[-4000:]
@@ -947,6 +960,14 @@ def part_pipeline(ctx: BenchContext) -> dict[str, Any]:
                          chunk=1, settings=b16),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, Triton SR", 2, swapper="mesh", chunk=1,
                          settings={"sr_kernels": "triton"}),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, blend in the face thread", 2, swapper="mesh",
+                         chunk=1, settings={"blend_threads": 0}),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, 1 blend thread", 2, swapper="mesh",
+                         chunk=1, settings={"blend_threads": 1}),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, 3 blend threads", 2, swapper="mesh",
+                         chunk=1, settings={"blend_threads": 3}),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, py-spy", 2, swapper="mesh", chunk=1,
+                         py_spy=True),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, torch.profiler", 2, swapper="mesh",
                          chunk=1, torch_profile=True),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, per-face cv2 compositor", 2,
@@ -968,6 +989,15 @@ def part_cpu(ctx: BenchContext) -> dict[str, Any]:
     return _pipeline_runs(ctx, torch.device("cpu"), 96, 96, 4 if ctx.smoke else 48, cases)
 
 
+def part_conv_sweep(ctx: BenchContext) -> dict[str, Any]:
+    """Many more tile/warp/stage configs of the fused Triton conv than the autotuner tries (CUDA only)."""
+    if ctx.device.type != "cuda":
+        return {"skipped": "the Triton conv sweep needs CUDA"}
+    from bench.conv_sweep import sweep
+
+    return sweep(ctx.device, width=1920, height=1080, left_s=ctx.left_s)
+
+
 PART_FUNCTIONS: dict[str, Callable[[BenchContext], dict[str, Any]]] = {
     "sr": part_sr,
     "anime": part_anime,
@@ -975,6 +1005,7 @@ PART_FUNCTIONS: dict[str, Callable[[BenchContext], dict[str, Any]]] = {
     "landmarks": part_landmarks,
     "pipeline": part_pipeline,
     "cpu": part_cpu,
+    "conv_sweep": part_conv_sweep,
 }
 
 

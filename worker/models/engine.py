@@ -6,9 +6,11 @@ tracker/smoother so the first output frame of a chunk matches the previous chunk
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from shared.errors import GpuOutOfMemoryError, UnknownModelError
 from worker.models.align import estimate_similarity, paste_back, square_mask
 from worker.models.arcface import ArcFaceEmbedder
 from worker.models.detect_mtcnn import MtcnnDetector
-from worker.models.faces import Face, FaceDetector, Swapper
+from worker.models.faces import Face, FaceDetector, StagedSwapper, Swapper
 from worker.models.selection import create_selector
 from worker.models.smoothing import FaceSmoother
 from worker.models.source_face import SourceFace, load_source_face
@@ -81,6 +83,18 @@ def create_swapper(
     raise UnknownModelError(f"unknown swapper {name!r}; choose one of {', '.join(SWAPPER_NAMES)}")
 
 
+@dataclass
+class SwapWork:
+    """One batch between ``FaceEngine.plan_swap`` (in frame order) and ``finish_swap`` (any thread)."""
+
+    frames: np.ndarray
+    output_mask: tuple[bool, ...]
+    wanted: list[int]  # the frames the swapper sees (output frames, and warm-up ones for a tracker)
+    batch: np.ndarray | None = None  # frames[wanted]
+    selected: list[list[Face]] = field(default_factory=list)  # per wanted frame, the faces to swap
+    tracked: Any = None  # a StagedSwapper's track_batch result
+
+
 class FaceEngine:
     """Swaps the source face into batches of frames, with tracking state across calls."""
 
@@ -137,6 +151,7 @@ class FaceEngine:
         self._faces = 0
         self._by_path: Counter[str] = Counter()
         self._seconds: dict[str, float] = {"detect": 0.0, "swap": 0.0}
+        self._lock = threading.Lock()
         if enhance_crops is not None:
             self._seconds["enhance"] = 0.0
 
@@ -180,55 +195,96 @@ class FaceEngine:
             ) from exc
         if self.smoother is not None:
             detections = [self.smoother.update(f) for f in detections]
-        self._seconds["detect"] += time.perf_counter() - t0
+        self._add_seconds("detect", time.perf_counter() - t0)
         return detections
 
     def swap_found(
         self, frames: np.ndarray, detections: Sequence[list[Face]], output_mask: Sequence[bool]
     ) -> np.ndarray:
         """The swapping half of ``process``, for the faces ``find_faces`` returned for these frames."""
+        return self.finish_swap(self.plan_swap(frames, detections, output_mask))
+
+    def plan_swap(
+        self, frames: np.ndarray, detections: Sequence[list[Face]], output_mask: Sequence[bool]
+    ) -> SwapWork:
+        """The in-order half of ``swap_found``: face selection and the swapper's tracking.
+
+        Stateful: call it on every batch, in frame order. ``finish_swap`` then does the rest, and may
+        run for several planned batches at once, each in its own thread (the render worker's blend pool).
+        """
         if len(output_mask) != len(frames) or len(detections) != len(frames):
             raise ValueError(
                 f"{len(frames)} frames with {len(output_mask)} output_mask entries and "
                 f"{len(detections)} detection lists"
             )
-        try:
-            return self._swap(frames, detections, output_mask)
-        except torch.cuda.OutOfMemoryError as exc:
-            raise GpuOutOfMemoryError(
-                f"CUDA out of memory in the face stage on {self.device} ({len(frames)} frames)"
-            ) from exc
-
-    def _swap(
-        self, frames: np.ndarray, detections: Sequence[list[Face]], output_mask: Sequence[bool]
-    ) -> np.ndarray:
         wanted = [i for i, keep in enumerate(output_mask) if keep or self._swap_warmup]
+        work = SwapWork(frames=frames, output_mask=tuple(bool(k) for k in output_mask), wanted=wanted)
         if not wanted:
-            return np.array(frames, dtype=np.uint8, copy=True)
+            return work
         t0 = time.perf_counter()
         # swappers never write into their input, so a batch of all the frames needs no copy (a 1080p
         # batch is 50 MB, copied in the face thread)
-        batch = frames if len(wanted) == len(frames) else frames[wanted]
-        selected = self.selector.select(batch, [detections[i] for i in wanted])
-        outputs = self.swapper.swap_batch(batch, selected)
-        self._seconds["swap"] += time.perf_counter() - t0
+        work.batch = frames if len(wanted) == len(frames) else frames[wanted]
+        try:
+            work.selected = self.selector.select(work.batch, [detections[i] for i in wanted])
+            if isinstance(self.swapper, StagedSwapper):
+                work.tracked = self.swapper.track_batch(work.batch, work.selected)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise GpuOutOfMemoryError(
+                f"CUDA out of memory tracking faces on {self.device} ({len(frames)} frames)"
+            ) from exc
+        finally:
+            self._add_seconds("swap", time.perf_counter() - t0)
+        return work
+
+    def finish_swap(self, work: SwapWork) -> np.ndarray:
+        """Swapped frames (N,H,W,3) uint8 for a batch ``plan_swap`` planned. Thread-safe: it reads
+        only ``work`` and the engine's constants (the statistics are summed under a lock)."""
+        try:
+            return self._finish(work)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise GpuOutOfMemoryError(
+                f"CUDA out of memory in the face stage on {self.device} ({len(work.frames)} frames)"
+            ) from exc
+
+    def _finish(self, work: SwapWork) -> np.ndarray:
+        frames = work.frames
+        if not work.wanted:
+            return np.array(frames, dtype=np.uint8, copy=True)
+        assert work.batch is not None
+        t0 = time.perf_counter()
+        if isinstance(self.swapper, StagedSwapper):
+            outputs = self.swapper.blend_batch(work.batch, work.selected, work.tracked)
+        else:
+            outputs = self.swapper.swap_batch(work.batch, work.selected)
+        self._add_seconds("swap", time.perf_counter() - t0)
 
         result = np.empty(frames.shape, dtype=np.uint8)  # every row is written once, below
-        swapped = dict(zip(wanted, range(len(wanted)), strict=True))
+        swapped = dict(zip(work.wanted, range(len(work.wanted)), strict=True))
+        faces, paths, enhance_s = 0, Counter[str](), 0.0
         for i in range(len(frames)):
             j = swapped.get(i)
-            if j is None or not output_mask[i]:
+            if j is None or not work.output_mask[i]:
                 result[i] = frames[i]
                 continue
             frame = outputs[j].frame
-            self._faces += len(outputs[j].paths)
-            self._by_path.update(outputs[j].paths)
-            if self.enhance_crops is not None and selected[j]:
+            faces += len(outputs[j].paths)
+            paths.update(outputs[j].paths)
+            if self.enhance_crops is not None and work.selected[j]:
                 t0 = time.perf_counter()
-                frame = self._enhance(frame, selected[j])
-                self._seconds["enhance"] += time.perf_counter() - t0
+                frame = self._enhance(frame, work.selected[j])
+                enhance_s += time.perf_counter() - t0
             result[i] = frame
+        with self._lock:
+            self._faces += faces
+            self._by_path.update(paths)
+        if self.enhance_crops is not None:
+            self._add_seconds("enhance", enhance_s)
         return result
+
+    def _add_seconds(self, stage: str, seconds: float) -> None:
+        with self._lock:  # summed over the threads that ran the stage: may exceed the wall time
+            self._seconds[stage] += seconds
 
     def _enhance(self, frame: np.ndarray, faces: Sequence[Face]) -> np.ndarray:
         """Restore each swapped face with the enhancer on FFHQ-aligned crops, pasted back softly."""

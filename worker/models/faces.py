@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -45,6 +45,24 @@ class Swapper(Protocol):
     name: str
 
     def swap_batch(self, frames: np.ndarray, faces: Sequence[Sequence[Face]]) -> list[SwapOutput]: ...
+
+
+@runtime_checkable
+class StagedSwapper(Protocol):
+    """A swapper whose batch work splits in two: ``track_batch`` keeps state across batches (tracks,
+    smoothing), so it runs once per batch in frame order; ``blend_batch`` reads only its arguments and
+    the swapper's constants, so several batches may blend at once in other threads (the render
+    worker's blend pool). ``swap_batch`` is the two in a row."""
+
+    name: str
+
+    def swap_batch(self, frames: np.ndarray, faces: Sequence[Sequence[Face]]) -> list[SwapOutput]: ...
+
+    def track_batch(self, frames: np.ndarray, faces: Sequence[Sequence[Face]]) -> Any: ...
+
+    def blend_batch(
+        self, frames: np.ndarray, faces: Sequence[Sequence[Face]], tracked: Any
+    ) -> list[SwapOutput]: ...
 
 
 class FaceDetector(Protocol):

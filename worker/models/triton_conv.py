@@ -142,7 +142,7 @@ def conv3x3(
     residual_scale: float = 1.0,
     residual2: Tensor | None = None,
     pixel_shuffle: int = 1,
-    block: tuple[int, int, int] | None = None,
+    block: tuple[int, ...] | None = None,
 ) -> Tensor:
     """``out = scale * act(conv(x) + bias) + residual_scale * residual + residual2``, in one kernel.
 
@@ -151,7 +151,7 @@ def conv3x3(
     With ``pixel_shuffle=r`` the result is stored pixel-shuffled, as ``F.pixel_shuffle(y, r)``, into
     an (N, C_out / r^2, r*H, r*W) ``out``; the residuals are then (N, C_out / r^2, H, W) and added
     to every one of their r x r output pixels (a nearest upsample). ``block`` = (BLOCK_H, BLOCK_W,
-    BLOCK_K), powers of two, skips the autotuner. ``out`` must not overlap the input or the residuals:
+    BLOCK_K), powers of two, optionally followed by (num_warps, num_stages), skips the autotuner. ``out`` must not overlap the input or the residuals:
     programs would race, and the autotuner reruns the kernel on the same tensors.
     """
     require_triton(x.device)
@@ -209,11 +209,14 @@ def conv3x3(
     if block is None:
         tuned[grid](*args, **meta)
     else:
-        block_h, block_w, block_k = block
+        if len(block) not in (3, 5):
+            raise ValueError(f"block is (BLOCK_H, BLOCK_W, BLOCK_K[, num_warps, num_stages]), got {block}")
+        block_h, block_w, block_k = block[:3]
+        num_warps, num_stages = block[3:] if len(block) == 5 else (4, 3)
         if block_k < 16 or block_h * block_w < 16:
             raise ValueError(f"tl.dot needs 16+ pixels and 16+ channels a block, got {block}")
         meta.update(BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_K=block_k)
-        plain[grid](*args, **meta, num_warps=4, num_stages=3)
+        plain[grid](*args, **meta, num_warps=num_warps, num_stages=num_stages)
     return out
 
 

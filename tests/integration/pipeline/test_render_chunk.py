@@ -297,3 +297,53 @@ def test_a_detection_error_in_the_detect_thread_fails_the_chunk_and_stops_its_th
         )
     assert calls == ["detect", "detect"]  # one batch ahead of the swap, in its own thread
     assert not [t.name for t in threading.enumerate() if t.name in ("detect", "decode")]
+
+
+def test_blending_in_a_thread_pool_changes_no_pixel(clip: Clip, pipeline_store: Path, tmp_path) -> None:
+    """The mesh swapper tracks in the face thread and blends in the pool: same frames as inline."""
+    options = JobOptions(swapper="mesh", crf=0, preset="ultrafast")
+    outputs = {}
+    for threads in (0, 2):
+        settings = Settings(
+            device="cpu",
+            model_store=str(pipeline_store),
+            batch_frames=4,
+            encoder_threads=1,
+            mesh_compositor="batched",  # the device compositor, as CUDA workers run it
+            blend_threads=threads,
+        )
+        specs = chunk_specs(clip.video, settings, options, chunk_frames=10)
+        outputs[threads] = decode_all(render_all(specs, clip.video, clip.face, settings, tmp_path / str(threads)))
+    assert np.array_equal(outputs[0], outputs[2])
+    source = decode_all([clip.video])
+    assert not np.array_equal(outputs[0][FACE_FRAMES], source[FACE_FRAMES])  # faces were swapped
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("blend-")]
+
+
+def test_a_blend_error_in_the_pool_fails_the_chunk_and_stops_its_threads(
+    clip: Clip, cpu_settings: Settings, lossless_options, tmp_path, monkeypatch
+) -> None:
+    calls = []
+    real = FaceEngine.finish_swap
+
+    def failing(self: FaceEngine, work) -> np.ndarray:
+        calls.append(threading.current_thread().name)
+        if len(calls) == 2:
+            raise RuntimeError("blend exploded on batch 2")
+        return real(self, work)
+
+    monkeypatch.setattr(FaceEngine, "finish_swap", failing)
+    spec = chunk_specs(clip.video, cpu_settings, lossless_options, chunk_frames=20)[0]
+    with pytest.raises(RuntimeError, match="batch 2"):
+        render_chunk(
+            spec,
+            source=str(clip.video),
+            face_path=clip.face,
+            output_path=tmp_path / "c.mp4",
+            settings=cpu_settings.model_copy(update={"blend_threads": 2}),
+            on_progress=lambda n: None,
+            should_stop=lambda: False,
+            log=lambda line: None,
+        )
+    assert len(calls) >= 2 and all(name.startswith("blend-") for name in calls)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith(("blend-", "detect", "decode"))]

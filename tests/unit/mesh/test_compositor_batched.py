@@ -53,7 +53,7 @@ def swappers(mesh_store, source_tom) -> dict[str, MeshSwapper]:
 def tiles(swappers, swap_clip):
     """Every clip tile with a mesh: (image, its mesh, its detected face)."""
     frames, _, faces = swap_clip
-    meshes = swappers["torch"].track_meshes(frames, faces)
+    meshes = swappers["torch"].track_batch(frames, faces)
     return [
         (frame, row[0], frame_faces[0])
         for frame, row, frame_faces in zip(frames, meshes, faces, strict=True)
@@ -158,7 +158,7 @@ def test_batched_matches_per_face_torch_on_a_packed_scene(swappers, scene):
 def test_batched_matches_per_face_torch_on_the_clip(swappers, swap_clip):
     """One face a frame: every pose of the clip, the rotation sweep and the face-less frames."""
     frames, _, faces = swap_clip
-    meshes = swappers["torch"].track_meshes(frames, faces)
+    meshes = swappers["torch"].track_batch(frames, faces)
     reference = swappers["torch"].blend_batch(frames, faces, meshes)
     candidate = swappers["batched"].blend_batch(frames, faces, meshes)
     worst, mean, mask_worst = _compare(reference, candidate, frames)

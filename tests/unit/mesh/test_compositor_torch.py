@@ -26,7 +26,7 @@ def both_paths(mesh_store, source_tom, swap_clip):
     frames, _, faces = swap_clip
     cv2_path = MeshSwapper(image, face, mesh_store, "cpu", compositor="cv2")
     torch_path = MeshSwapper(image, face, mesh_store, "cpu", compositor="torch")
-    meshes = cv2_path.track_meshes(frames, faces)
+    meshes = cv2_path.track_batch(frames, faces)
     return (
         cv2_path.blend_batch(frames, faces, meshes),
         torch_path.blend_batch(frames, faces, meshes),

@@ -42,11 +42,11 @@ def test_still_face_landmark_jitter_is_under_half_a_percent_of_eye_distance(mesh
     clip, faces = still
     image, face = source_tom
     swapper = MeshSwapper(image, face, mesh_store, "cpu")
-    meshes = [row[0] for row in swapper.track_meshes(clip, faces)]
+    meshes = [row[0] for row in swapper.track_batch(clip, faces)]
     assert all(m is not None for m in meshes)
     iod = inter_ocular_px(meshes[0])
     raw = MeshSwapper(image, face, mesh_store, "cpu", smooth=False)
-    raw_meshes = [row[0] for row in raw.track_meshes(clip, faces)]
+    raw_meshes = [row[0] for row in raw.track_batch(clip, faces)]
     assert _jitter_rms(meshes[2:]) <= 0.005 * iod, (_jitter_rms(meshes[2:]), _jitter_rms(raw_meshes[2:]), iod)
     assert _jitter_rms(meshes[2:]) < _jitter_rms(raw_meshes[2:])
     # the blend mask follows the smoothed mesh: its edge does not flicker from frame to frame

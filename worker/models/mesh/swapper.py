@@ -8,6 +8,7 @@ fall back to ``classic`` one by one, and ``SwapOutput.paths`` says which path ea
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -144,9 +145,11 @@ class MeshSwapper:
         self.topology: MeshTopology = load_topology()
         self.landmarker = FaceMeshLandmarker(store, device, dtype=dtype)
         self.tracker = FaceTracker()
-        # wall seconds of swap_batch's two halves, summed: the mesh net + tracking, then the blend
+        # wall seconds of swap_batch's two halves, summed: the mesh net + tracking, then the blend (summed
+        # over the threads that blend, so with a blend pool it can exceed the chunk's wall time)
         self.seconds = {"landmarks": 0.0, "blend": 0.0}
         self._classic: object | None = None
+        self._lock = threading.Lock()  # blend_batch may run in several threads at once (also guards seconds)
         points, presence, _ = self.landmarker.landmarks_refined(
             [self.source_image], [roi_from_face(source_face, 0)]
         )
@@ -181,14 +184,15 @@ class MeshSwapper:
         return levels
 
     def _classic_swapper(self) -> object:
-        if self._classic is None:
-            from worker.models.source_face import SourceFace
-            from worker.models.swap_classic import ClassicSwapper
+        with self._lock:
+            if self._classic is None:
+                from worker.models.source_face import SourceFace
+                from worker.models.swap_classic import ClassicSwapper
 
-            self._classic = ClassicSwapper(SourceFace(self.source_image, self.source_face))
-        return self._classic
+                self._classic = ClassicSwapper(SourceFace(self.source_image, self.source_face))
+            return self._classic
 
-    def track_meshes(
+    def track_batch(
         self, frames: np.ndarray, faces: Sequence[Sequence[Face]]
     ) -> list[list[np.ndarray | None]]:
         """The smoothed mesh (468,3) of every face, or None where the face takes the classic path.
@@ -196,6 +200,7 @@ class MeshSwapper:
         All mesh-eligible faces of the batch run through the net together; smoothing then walks the
         frames in order, one IoU track per face.
         """
+        started = time.perf_counter()
         rois, owners = [], []
         for fi, frame_faces in enumerate(faces):
             for k, face in enumerate(frame_faces):
@@ -216,6 +221,7 @@ class MeshSwapper:
                 pts = points[i]
                 row.append(track.smoother(pts, inter_ocular_px(pts)) if self.smooth else pts)
             meshes.append(row)
+        self.seconds["landmarks"] += time.perf_counter() - started
         return meshes
 
     def swap_batch(self, frames: np.ndarray, faces: Sequence[Sequence[Face]]) -> list[SwapOutput]:
@@ -225,13 +231,7 @@ class MeshSwapper:
         window of the frame.
         """
         frames = np.asarray(frames)
-        started = time.perf_counter()
-        meshes = self.track_meshes(frames, faces)
-        tracked = time.perf_counter()
-        outputs = self.blend_batch(frames, faces, meshes)
-        self.seconds["landmarks"] += tracked - started
-        self.seconds["blend"] += time.perf_counter() - tracked
-        return outputs
+        return self.blend_batch(frames, faces, self.track_batch(frames, faces))
 
     def blend_batch(
         self,
@@ -239,7 +239,21 @@ class MeshSwapper:
         faces: Sequence[Sequence[Face]],
         meshes: Sequence[Sequence[np.ndarray | None]],
     ) -> list[SwapOutput]:
-        """The blending half of ``swap_batch``, for meshes already tracked (None: the classic path)."""
+        """The blending half of ``swap_batch``, for meshes already tracked (None: the classic path).
+        Safe to run for several batches at once, each in its own thread."""
+        started = time.perf_counter()
+        try:
+            return self._blend(frames, faces, meshes)
+        finally:
+            with self._lock:  # summed over threads: may exceed the wall time
+                self.seconds["blend"] += time.perf_counter() - started
+
+    def _blend(
+        self,
+        frames: np.ndarray,
+        faces: Sequence[Sequence[Face]],
+        meshes: Sequence[Sequence[np.ndarray | None]],
+    ) -> list[SwapOutput]:
         if self._batched is not None:
             with torch.inference_mode():
                 return self._swap_batch_batched(frames, faces, meshes, self._batched)
