@@ -55,7 +55,7 @@ from worker.models.accelerate import (  # noqa: E402
 from worker.models.super_res import SrModel, load_sr_model, upscale_frames  # noqa: E402
 from worker.models.tiling import run_tiled  # noqa: E402
 
-PARTS = ("sr", "anime", "swapper", "landmarks", "pipeline", "cpu", "conv_sweep")
+PARTS = ("sr", "anime", "swapper", "landmarks", "pipeline", "cpu", "conv_sweep", "area_resize")
 # Measured ceilings of one H100 (handbook GPU.md): bf16 dense matmul and device copy bandwidth.
 PEAK_FLOP_S = 790e12
 PEAK_BYTES_S = 3.0e12
@@ -964,14 +964,23 @@ def part_pipeline(ctx: BenchContext) -> dict[str, Any]:
                          chunk=1, settings={"blend_threads": 0}),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, 1 blend thread", 2, swapper="mesh",
                          chunk=1, settings={"blend_threads": 1}),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, 2 blend threads", 2, swapper="mesh",
+                         chunk=1, settings={"blend_threads": 2}),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, 3 blend threads", 2, swapper="mesh",
                          chunk=1, settings={"blend_threads": 3}),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, 4 blend threads", 2, swapper="mesh",
+                         chunk=1, settings={"blend_threads": 4}),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, cuDNN SR", 2, swapper="mesh", chunk=1,
+                         settings={"sr_kernels": "cudnn"}),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, py-spy", 2, swapper="mesh", chunk=1,
                          py_spy=True),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, torch.profiler", 2, swapper="mesh",
                          chunk=1, torch_profile=True),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, per-face cv2 compositor", 2,
                          swapper="mesh", chunk=1, settings={"mesh_compositor": "cv2"}),
+            # the first next-chunk row meets shapes (cuDNN plans, allocator sizes) that later rows find ready
+            PipelineCase(f"render_chunk pipelined x2, {mesh} (what ships, next chunk, again after the others)", 2,
+                         swapper="mesh", chunk=1),
             PipelineCase(f"per-frame synchronous x1 (1080p out), {mesh} [baseline]", 1, swapper="mesh", mode="per_frame"),
             PipelineCase(f"render_chunk pipelined x1 (1080p out), {mesh}", 1, swapper="mesh"),
         ]  # fmt: skip
@@ -998,6 +1007,36 @@ def part_conv_sweep(ctx: BenchContext) -> dict[str, Any]:
     return sweep(ctx.device, width=1920, height=1080, left_s=ctx.left_s)
 
 
+def part_area_resize(ctx: BenchContext) -> dict[str, Any]:
+    """MTCNN's pyramid resize (``F.interpolate(mode="area")``) of a 1080p batch of 8, NHWC vs NCHW memory."""
+    import torch.nn.functional as F
+
+    from worker.models.detect_mtcnn import pyramid_scales
+
+    h, w = (24, 32) if ctx.smoke else (1080, 1920)
+    frames = torch.from_numpy(test_frames(ctx, 8, w, h)).to(ctx.device)
+    nhwc = frames.permute(0, 3, 1, 2).float()  # what detect() makes: channels_last strides
+    nchw = nhwc.contiguous()
+    rows = []
+    for scale in pyramid_scales(h, w, 20.0):
+        size = (int(h * scale + 1), int(w * scale + 1))
+        row: dict[str, Any] = {"scale": round(scale, 4), "size": list(size)}
+        for name, x in (("nhwc", nhwc), ("nchw", nchw)):
+            timed = time_calls(lambda x=x, size=size: F.interpolate(x, size=size, mode="area"), ctx.device,
+                               warmup=2, iters=10)  # fmt: skip
+            row[f"{name}_ms"] = round(timed["median_s"] * 1e3, 3)
+        row["identical"] = bool(
+            torch.equal(F.interpolate(nhwc, size=size, mode="area"), F.interpolate(nchw, size=size, mode="area"))
+        )
+        rows.append(row)
+    return {
+        "input": f"8x3x{h}x{w} float32",
+        "levels": rows,
+        "total_ms": {k: round(sum(r[f"{k}_ms"] for r in rows), 3) for k in ("nhwc", "nchw")},
+        "all_identical": all(r["identical"] for r in rows),
+    }
+
+
 PART_FUNCTIONS: dict[str, Callable[[BenchContext], dict[str, Any]]] = {
     "sr": part_sr,
     "anime": part_anime,
@@ -1006,6 +1045,7 @@ PART_FUNCTIONS: dict[str, Callable[[BenchContext], dict[str, Any]]] = {
     "pipeline": part_pipeline,
     "cpu": part_cpu,
     "conv_sweep": part_conv_sweep,
+    "area_resize": part_area_resize,
 }
 
 

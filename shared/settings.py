@@ -102,9 +102,10 @@ class Settings(BaseSettings):
     # render pipeline, bench/RESULTS.md); a worker's first chunk pays ~10 s of compile. CPU: ignored.
     sr_compile: bool = False
     # the SR nets' convs on CUDA: "cudnn" = torch's (compiled per sr_compile); "triton" = our fused
-    # Triton kernels (+2-4% alone, equal in the face-bound pipeline, ~20 s of autotuning on first use;
-    # bench/RESULTS.md); "auto" = triton where it imports, else cudnn
-    sr_kernels: Literal["auto", "cudnn", "triton"] = "cudnn"
+    # Triton kernels (conv + bias + PReLU + residual + pixel shuffle in one pass: less than half the GPU
+    # time of cuDNN + torch's PReLU, which the face stage's kernels then get; ~20 s of autotuning on
+    # a machine's first use, cached on disk; bench/RESULTS.md); "auto" = triton where it imports, else cudnn
+    sr_kernels: Literal["auto", "cudnn", "triton"] = "auto"
     # where the mesh swapper blends: "auto" = all faces of a batch at once on CUDA, cv2 on the CPU
     mesh_compositor: Literal["auto", "batched", "torch", "cv2"] = "auto"
     # detect (and smooth) the next batch's faces in a thread of its own while the current batch swaps,
