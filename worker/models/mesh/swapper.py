@@ -157,6 +157,13 @@ class MeshSwapper:
         # A source photo without a usable mesh still swaps, through the classic path for every face.
         self.source_ok = bool(presence[0] >= presence_min)
         self._pyramid = self._build_pyramid(self.source_image, inter_ocular_px(self.source_points))
+        # per-face plans reuse these source constants: its eye distance, its triangles' areas, and its
+        # landmarks in each pyramid level's pixels
+        self._source_iod = inter_ocular_px(self.source_points)
+        self._source_areas = signed_areas(self.source_points, self.topology.triangles)
+        self._source_xy = [
+            (self.source_points[:, :2] + 0.5) / 2.0**level - 0.5 for level in range(len(self._pyramid))
+        ]
         device = torch.device(device)
         if compositor == "auto":
             compositor = "batched" if device.type == "cuda" else "cv2"
@@ -287,13 +294,12 @@ class MeshSwapper:
         layer; classic faces run on the host between layers, in their frame's order."""
         items: list[list[Item]] = []
         paths: list[list[str]] = []
-        for frame, frame_faces, frame_meshes in zip(frames, faces, meshes, strict=True):
+        mesh_faces = [pts for frame_meshes in meshes for pts in frame_meshes if pts is not None]
+        plans = iter(self._plans(frames.shape[1:3], mesh_faces))
+        for frame_faces, frame_meshes in zip(faces, meshes, strict=True):
             row: list[Item] = []
             for face, pts in zip(frame_faces, frame_meshes, strict=True):
-                if pts is None:
-                    row.append(partial(self._swap_classic, face))
-                else:
-                    row.append(self._plan(frame.shape[:2], pts))
+                row.append(partial(self._swap_classic, face) if pts is None else next(plans))
             items.append(row)
             paths.append(["classic" if pts is None else self.name for pts in frame_meshes])
         out, union = compositor.composite(frames, items)
@@ -347,25 +353,68 @@ class MeshSwapper:
         Those triangles would sample the source's background; the target's own skin is the better fill
         there. Only near-edge-on triangles count: a merely foreshortened cheek still carries the
         source's identity, and giving it back to the target would leak the target's face.
+        ``points`` is one mesh (468,3) or a stack (F,468,3); the result is (T,) or (F,T).
         """
         tris = self.topology.triangles
-        src = signed_areas(self.source_points, tris)
-        dst = signed_areas(points, tris)
+        xy = np.asarray(points, dtype=np.float64)[..., :2]
+        a, b, c = xy[..., tris[:, 0], :], xy[..., tris[:, 1], :], xy[..., tris[:, 2], :]
+        dst = (b[..., 0] - a[..., 0]) * (c[..., 1] - a[..., 1]) - (c[..., 0] - a[..., 0]) * (
+            b[..., 1] - a[..., 1]
+        )
         front = dst > 0
-        ratio = np.where(front, src / np.where(front, dst, 1.0), 1.0)
-        ref = float(np.median(ratio[front])) if front.any() else 1.0
-        rel = ratio / max(ref, 1e-6)
-        rel[self.topology.groups["surface"][1] :] = 1.0  # eye/mouth fills are thin by nature; mouth: own mask
+        ratio = np.where(front, self._source_areas / np.where(front, dst, 1.0), 1.0)
+        # each face's median over its front-facing triangles (1 when none faces the camera)
+        flat_ratio, flat_front = ratio.reshape(-1, ratio.shape[-1]), front.reshape(-1, front.shape[-1])
+        ref = np.array(
+            [float(np.median(r[f])) if f.any() else 1.0 for r, f in zip(flat_ratio, flat_front, strict=True)]
+        ).reshape(ratio.shape[:-1] + (1,))
+        rel = ratio / np.maximum(ref, 1e-6)
+        rel[..., self.topology.groups["surface"][1] :] = (
+            1.0  # eye/mouth fills are thin by nature; mouth: own mask
+        )
         return np.clip((self.hidden_rel - rel) / (0.7 * self.hidden_rel), 0.0, 1.0).astype(np.float32)
 
-    def _window(self, shape_hw: tuple[int, int], points: np.ndarray) -> tuple[int, int, int, int] | None:
+    def _plan(self, shape_hw: tuple[int, int], points: np.ndarray) -> FacePlan | None:
+        """The host-side geometry of one face (window, source level, hidden triangles, outline)."""
+        return self._plans(shape_hw, [points])[0]
+
+    def _plans(self, shape_hw: tuple[int, int], meshes: Sequence[np.ndarray]) -> list[FacePlan | None]:
+        """``_plan`` of many faces of one frame size, with the array work done once for all of them (a
+        1080p batch has ~60 faces, and per-face numpy calls hold the GIL the other stages wait for)."""
+        if not meshes:
+            return []
+        pts = np.stack([np.asarray(m) for m in meshes])
+        xy = pts[..., :2]
+        left = xy[:, list(_EYE_LEFT_IMG)].mean(axis=1)
+        right = xy[:, list(_EYE_RIGHT_IMG)].mean(axis=1)
+        iod = np.linalg.norm(right - left, axis=1)
         h, w = shape_hw
-        xy = points[:, :2]
-        x0, y0 = (int(v) for v in np.clip(np.floor(xy.min(axis=0)) - 1, 0, [w, h]))
-        x1, y1 = (int(v) for v in np.clip(np.ceil(xy.max(axis=0)) + 2, 0, [w, h]))
-        if x1 - x0 < 4 or y1 - y0 < 4:
-            return None
-        return x0, y0, x1, y1
+        lo = np.clip(np.floor(xy.min(axis=1)) - 1, 0, [w, h]).astype(np.int64)
+        hi = np.clip(np.ceil(xy.max(axis=1)) + 2, 0, [w, h]).astype(np.int64)
+        usable = ((hi - lo) >= 4).all(axis=1) & np.isfinite(iod) & (iod >= 1.0)
+        hidden = self._hidden_in_source(pts[usable]) if usable.any() else None
+        plans: list[FacePlan | None] = []
+        k = 0
+        for i, ok in enumerate(usable.tolist()):
+            if not ok:
+                plans.append(None)
+                continue
+            level = int(
+                np.clip(math.floor(math.log2(max(self._source_iod / iod[i], 1.0))), 0, len(self._pyramid) - 1)
+            )
+            plans.append(
+                FacePlan(
+                    window=(int(lo[i, 0]), int(lo[i, 1]), int(hi[i, 0]), int(hi[i, 1])),
+                    iod_px=float(iod[i]),
+                    level=level,
+                    src_xy=self._source_xy[level],
+                    points=meshes[i],
+                    hidden=hidden[k],  # type: ignore[index]
+                    hull=mask_outline(meshes[i], self.topology.face_oval, self.forehead_keep),
+                )
+            )
+            k += 1
+        return plans
 
     def swap_face(self, frame: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Warp, colour-match and blend the source onto one target mesh; a new frame and its mask."""
@@ -385,25 +434,6 @@ class MeshSwapper:
                 self._compositor.composite(canvas, plan)
                 canvas.write_back(out, mask)
         return out, mask
-
-    def _plan(self, shape_hw: tuple[int, int], points: np.ndarray) -> FacePlan | None:
-        """The host-side geometry of one face (window, source level, hidden triangles, outline)."""
-        iod = inter_ocular_px(points)
-        window = self._window(shape_hw, points)
-        if window is None or not np.isfinite(iod) or iod < 1.0:
-            return None
-        source_iod = inter_ocular_px(self.source_points)
-        level = int(np.clip(math.floor(math.log2(max(source_iod / iod, 1.0))), 0, len(self._pyramid) - 1))
-        scale = 2.0**level
-        return FacePlan(
-            window=window,
-            iod_px=iod,
-            level=level,
-            src_xy=(self.source_points[:, :2] + 0.5) / scale - 0.5,
-            points=points,
-            hidden=self._hidden_in_source(points),
-            hull=mask_outline(points, self.topology.face_oval, self.forehead_keep),
-        )
 
     def swap_face_into(self, frame: np.ndarray, union: np.ndarray, points: np.ndarray) -> None:
         """Blend the source onto one target mesh in place (cv2); ``union`` gathers the blend mask (max)."""
