@@ -79,6 +79,7 @@ class BenchContext:
     encoder_threads: int
     pipeline_cases: tuple[str, ...] = ()  # label substrings to keep (empty: every case)
     variants: tuple[str, ...] = ()  # sr/anime variant label substrings to keep (name the baseline too)
+    rounds: int = 1  # the pipeline cases run this many times, interleaved
 
     def left_s(self) -> float:
         return self.deadline - time.monotonic()
@@ -997,6 +998,8 @@ def part_pipeline(ctx: BenchContext) -> dict[str, Any]:
         ]  # fmt: skip
     if ctx.pipeline_cases:
         cases = [c for c in cases if any(part in c.label for part in ctx.pipeline_cases)]
+    if ctx.rounds > 1:  # interleaved repeats: the machine's speed drifts from row to row
+        cases = [replace(c, label=f"{c.label} #{k + 1}") for k in range(ctx.rounds) for c in cases]
     return _pipeline_runs(ctx, ctx.device, width, height, ctx.frames, cases)
 
 
@@ -1153,6 +1156,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--variants", default="", help="comma list of label substrings of the sr/anime variants to run"
     )
+    parser.add_argument("--rounds", type=int, default=1, help="run the pipeline cases this many times, interleaved")
     return parser.parse_args(argv)
 
 
@@ -1182,6 +1186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         encoder_threads=os.cpu_count() or 2,
         pipeline_cases=tuple(p.strip() for p in args.pipeline_cases.split(",") if p.strip()),
         variants=tuple(p.strip() for p in args.variants.split(",") if p.strip()),
+        rounds=max(1, args.rounds),
     )
     report: dict[str, Any] = {
         "environment": environment(device),

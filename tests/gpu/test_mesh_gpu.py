@@ -51,7 +51,7 @@ def test_cuda_mesh_swap_matches_the_cpu_blend(scene, cuda, gpu_store, compositor
     device_side = on_gpu._batched if compositor == "batched" else on_gpu._compositor
     assert device_side is not None and reference._compositor is None and reference._batched is None
     for frames, faces in ((scene["frames"], scene["faces"]), (scene["big"], scene["big_faces"])):
-        meshes = on_gpu.track_meshes(frames, faces)
+        meshes = on_gpu.track_batch(frames, faces)
         assert sum(m is not None for row in meshes for m in row) >= 5
         got = on_gpu.blend_batch(frames, faces, meshes)
         want = reference.blend_batch(frames, faces, meshes)
