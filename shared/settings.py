@@ -109,19 +109,20 @@ class Settings(BaseSettings):
     # where the mesh swapper blends: "auto" = all faces of a batch at once on CUDA, cv2 on the CPU
     mesh_compositor: Literal["auto", "batched", "torch", "cv2"] = "auto"
     # detect (and smooth) the next batch's faces in a thread of its own while the current batch swaps,
-    # each on its own CUDA stream; "off" runs both in the face-stage thread; "auto" = on with CUDA.
-    # On the H200 it only paid with the 1 ms switch interval below (bench/RESULTS.md)
+    # each on its own CUDA stream; "off" runs both in the face-stage thread; "auto" = on with CUDA when
+    # nothing blends in a pool (blend_threads 0): with the blend pool, detecting in the face thread was
+    # 7-13% faster on the H200 (bench/RESULTS.md, fifth session)
     detect_ahead: Literal["auto", "on", "off"] = "auto"
     # threads that blend swapped faces into frames (a swapper's stateless half, e.g. the mesh compositor)
     # while the face thread tracks the next batch: each on its own CUDA stream. 0 blends in the face
     # thread; "auto" = 2 with CUDA, 0 on the CPU (where torch's own threads already fill the cores)
     blend_threads: Literal["auto"] | Annotated[int, Field(ge=0, le=16)] = "auto"
-    # most frames one SR call takes at once: bigger batches mean longer kernels, which the face stage's
-    # small kernels (on a higher-priority stream) must wait behind at every sync (2 beat 1 and 8)
-    sr_max_batch: int = Field(default=2, ge=1)
-    # the render process's sys.setswitchinterval: the face thread drops the GIL at every torch op and
-    # then waits up to one interval to get it back from the other stage threads (Python's default: 5)
-    gil_switch_interval_ms: float = Field(default=1.0, gt=0)
+    # most frames one SR call takes at once (bench/RESULTS.md: 8 with the blend pool; 2 was best when
+    # detection ran ahead and the face thread blended)
+    sr_max_batch: int = Field(default=8, ge=1)
+    # the render process's sys.setswitchinterval (Python's default is 5 ms; 1 ms paid only before the
+    # blend pool, when one face thread did all the face work between the other stages' GIL holds)
+    gil_switch_interval_ms: float = Field(default=5.0, gt=0)
     encoder_threads: int = 2
 
     # --- flower / observability ------------------------------------------------------------

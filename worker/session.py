@@ -78,9 +78,10 @@ class RenderSession:
 
     @property
     def detect_ahead(self) -> bool:
-        """Whether face detection runs one batch ahead in its own thread (``Settings.detect_ahead``)."""
+        """Whether face detection runs one batch ahead in its own thread (``Settings.detect_ahead``;
+        "auto": with CUDA and no blend pool)."""
         mode = self.settings.detect_ahead
-        return mode == "on" or (mode == "auto" and self.device.type == "cuda")
+        return mode == "on" or (mode == "auto" and self.device.type == "cuda" and self.blend_threads == 0)
 
     @property
     def blend_threads(self) -> int:
