@@ -117,12 +117,13 @@ class Settings(BaseSettings):
     # while the face thread tracks the next batch: each on its own CUDA stream. 0 blends in the face
     # thread; "auto" = 2 with CUDA, 0 on the CPU (where torch's own threads already fill the cores)
     blend_threads: Literal["auto"] | Annotated[int, Field(ge=0, le=16)] = "auto"
-    # most frames one SR call takes at once (bench/RESULTS.md: 8 with the blend pool; 2 was best when
-    # detection ran ahead and the face thread blended)
-    sr_max_batch: int = Field(default=8, ge=1)
-    # the render process's sys.setswitchinterval (Python's default is 5 ms; 1 ms paid only before the
-    # blend pool, when one face thread did all the face work between the other stages' GIL holds)
-    gil_switch_interval_ms: float = Field(default=5.0, gt=0)
+    # most frames one SR call takes at once; "auto" = 8 with a blend pool, 2 without (bench/RESULTS.md:
+    # 8 won with the pool on the H200; 2 won where the face thread blends: the H200 before the pool, and
+    # the CPU path, which has no pool)
+    sr_max_batch: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
+    # the render process's sys.setswitchinterval; "auto" = Python's 5 ms with a blend pool, 1 ms without
+    # (one face thread doing all the face work then waits less for the GIL between its torch ops)
+    gil_switch_interval_ms: Literal["auto"] | Annotated[float, Field(gt=0)] = "auto"
     encoder_threads: int = 2
 
     # --- flower / observability ------------------------------------------------------------

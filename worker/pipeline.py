@@ -76,7 +76,7 @@ def render_chunk(
     """
     session = get_session(settings)
     # process-wide, and idempotent: this process's stage threads are what contend for the GIL
-    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000.0)
+    sys.setswitchinterval(session.gil_switch_interval_s)
     clock = _StageClock()
     engine = create_face_engine(spec.options, face_path, reference_path, session)
     sr_step = session.super_resolver(spec.options) if spec.options.upscale > 1 else None

@@ -92,6 +92,23 @@ class RenderSession:
         return threads
 
     @property
+    def sr_max_batch(self) -> int:
+        """Most frames per SR call (``Settings.sr_max_batch``; "auto": 8 with a blend pool, else 2)."""
+        configured = self.settings.sr_max_batch
+        if configured == "auto":
+            return 8 if self.blend_threads else 2
+        return configured
+
+    @property
+    def gil_switch_interval_s(self) -> float:
+        """The render process's GIL switch interval (``Settings.gil_switch_interval_ms``; "auto": 5 ms
+        with a blend pool, else 1 ms)."""
+        configured = self.settings.gil_switch_interval_ms
+        if configured == "auto":
+            return 0.005 if self.blend_threads else 0.001
+        return configured / 1000.0
+
+    @property
     def store(self) -> Path:
         """The local model store (an ``s3://`` store is synced to a local cache first)."""
         if self._store is None:
@@ -245,7 +262,7 @@ class RenderSession:
                 value_bytes=value_bytes,
                 free_bytes=free,
                 pad_px=SR_PAD_PX,
-                max_batch=self.settings.sr_max_batch,
+                max_batch=self.sr_max_batch,
                 min_core_px=MIN_CORE_PX,
             )
         return list(self._plans[key])
