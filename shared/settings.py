@@ -110,8 +110,9 @@ class Settings(BaseSettings):
     mesh_compositor: Literal["auto", "batched", "torch", "cv2"] = "auto"
     # detect (and smooth) the next batch's faces in a thread of its own while the current batch swaps,
     # each on its own CUDA stream; "off" runs both in the face-stage thread; "auto" = on with CUDA when
-    # nothing blends in a pool (blend_threads 0): with the blend pool, detecting in the face thread was
-    # 7-13% faster on the H200 (bench/RESULTS.md, fifth session)
+    # nothing blends in a pool (blend_threads 0): with the blend pool, detecting in the face thread (with
+    # SR batch 8 and a 5 ms switch interval, the "auto" values below) was 12-18% faster on the H200
+    # (bench/RESULTS.md, fifth session)
     detect_ahead: Literal["auto", "on", "off"] = "auto"
     # threads that blend swapped faces into frames (a swapper's stateless half, e.g. the mesh compositor)
     # while the face thread tracks the next batch: each on its own CUDA stream. 0 blends in the face

@@ -369,9 +369,8 @@ class MeshSwapper:
             [float(np.median(r[f])) if f.any() else 1.0 for r, f in zip(flat_ratio, flat_front, strict=True)]
         ).reshape(ratio.shape[:-1] + (1,))
         rel = ratio / np.maximum(ref, 1e-6)
-        rel[..., self.topology.groups["surface"][1] :] = (
-            1.0  # eye/mouth fills are thin by nature; mouth: own mask
-        )
+        # eye/mouth fills are thin by nature (the mouth has its own mask)
+        rel[..., self.topology.groups["surface"][1] :] = 1.0
         return np.clip((self.hidden_rel - rel) / (0.7 * self.hidden_rel), 0.0, 1.0).astype(np.float32)
 
     def _plan(self, shape_hw: tuple[int, int], points: np.ndarray) -> FacePlan | None:
