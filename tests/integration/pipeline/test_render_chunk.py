@@ -71,6 +71,21 @@ def render_all(specs: list[ChunkSpec], video: Path, face: Path, settings: Settin
     return paths
 
 
+def render_whole_clip(clip: Clip, settings: Settings, options: JobOptions, out: Path) -> None:
+    """Render the clip's 20 frames as one chunk into ``out/c.mp4``."""
+    spec = chunk_specs(clip.video, settings, options, chunk_frames=20)[0]
+    render_chunk(
+        spec,
+        source=str(clip.video),
+        face_path=clip.face,
+        output_path=out / "c.mp4",
+        settings=settings,
+        on_progress=lambda n: None,
+        should_stop=lambda: False,
+        log=lambda line: None,
+    )
+
+
 def decode_all(paths: list[Path]) -> np.ndarray:
     frames = []
     for path in paths:
@@ -283,17 +298,9 @@ def test_a_detection_error_in_the_detect_thread_fails_the_chunk_and_stops_its_th
         return real(self, frames)
 
     monkeypatch.setattr(FaceEngine, "find_faces", failing)
-    spec = chunk_specs(clip.video, cpu_settings, lossless_options, chunk_frames=20)[0]
     with pytest.raises(RuntimeError, match="batch 2"):
-        render_chunk(
-            spec,
-            source=str(clip.video),
-            face_path=clip.face,
-            output_path=tmp_path / "c.mp4",
-            settings=cpu_settings.model_copy(update={"detect_ahead": "on"}),
-            on_progress=lambda n: None,
-            should_stop=lambda: False,
-            log=lambda line: None,
+        render_whole_clip(
+            clip, cpu_settings.model_copy(update={"detect_ahead": "on"}), lossless_options, tmp_path
         )
     assert calls == ["detect", "detect"]  # one batch ahead of the swap, in its own thread
     assert not [t.name for t in threading.enumerate() if t.name in ("detect", "decode")]
@@ -313,7 +320,9 @@ def test_blending_in_a_thread_pool_changes_no_pixel(clip: Clip, pipeline_store: 
             blend_threads=threads,
         )
         specs = chunk_specs(clip.video, settings, options, chunk_frames=10)
-        outputs[threads] = decode_all(render_all(specs, clip.video, clip.face, settings, tmp_path / str(threads)))
+        outputs[threads] = decode_all(
+            render_all(specs, clip.video, clip.face, settings, tmp_path / str(threads))
+        )
     assert np.array_equal(outputs[0], outputs[2])
     source = decode_all([clip.video])
     assert not np.array_equal(outputs[0][FACE_FRAMES], source[FACE_FRAMES])  # faces were swapped
@@ -333,17 +342,9 @@ def test_a_blend_error_in_the_pool_fails_the_chunk_and_stops_its_threads(
         return real(self, work)
 
     monkeypatch.setattr(FaceEngine, "finish_swap", failing)
-    spec = chunk_specs(clip.video, cpu_settings, lossless_options, chunk_frames=20)[0]
     with pytest.raises(RuntimeError, match="batch 2"):
-        render_chunk(
-            spec,
-            source=str(clip.video),
-            face_path=clip.face,
-            output_path=tmp_path / "c.mp4",
-            settings=cpu_settings.model_copy(update={"blend_threads": 2}),
-            on_progress=lambda n: None,
-            should_stop=lambda: False,
-            log=lambda line: None,
+        render_whole_clip(
+            clip, cpu_settings.model_copy(update={"blend_threads": 2}), lossless_options, tmp_path
         )
     assert len(calls) >= 2 and all(name.startswith("blend-") for name in calls)
     assert not [t.name for t in threading.enumerate() if t.name.startswith(("blend-", "detect", "decode"))]
