@@ -722,6 +722,27 @@ class PipelineCase:
     # which chunk of the clip: frames [chunk * N, (chunk + 1) * N). Chunk 1 after chunk 0 is a warm
     # process meeting new faces (new batch shapes), as a worker's next chunk does
     chunk: int = 0
+    # the mesh landmarks' crops cut by cv2 on the host, as before the sixth session (device crops' A/B)
+    host_landmark_crops: bool = False
+
+
+@contextlib.contextmanager
+def landmark_crops_on_host(enabled: bool) -> Iterator[None]:
+    """While on, ``MeshSwapper`` cuts its landmark crops with cv2 on the host (two rounds, two syncs)."""
+    if not enabled:
+        yield
+        return
+    from worker.models.mesh.swapper import MeshSwapper
+
+    def host(self: Any, frames: Any, rois: Any, _on_device: Any) -> Any:
+        return self.landmarker.landmarks_refined(frames, rois)[:2]
+
+    original = MeshSwapper._landmarks
+    MeshSwapper._landmarks = host  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        MeshSwapper._landmarks = original  # type: ignore[method-assign]
 
 
 def profile_table(profiler: cProfile.Profile, top: int = 30) -> list[str]:
@@ -857,7 +878,7 @@ def _pipeline_runs(ctx: BenchContext, device: torch.device, width: int, height: 
                 row.update(frames=measured.frames, wall_s=round(measured.wall_s, 3), cpu_s=round(measured.cpu_s, 3),
                            stage_seconds={k: round(v, 3) for k, v in measured.stage_seconds.items()})  # fmt: skip
             else:
-                with installed_session(session_for(case)):
+                with installed_session(session_for(case)), landmark_crops_on_host(case.host_landmark_crops):
                     # the warm-up (models, allocator) always renders the clip's first frames
                     warm = render_chunk(spec_for(replace(case, chunk=0), min(16, frames), "warmup.mp4"), source=str(clip.path),
                                         face_path=face_path, output_path=work / "warmup.mp4", settings=settings_for(case),
@@ -979,6 +1000,8 @@ def part_pipeline(ctx: BenchContext) -> dict[str, Any]:
                          chunk=1, settings={"blend_threads": 4}),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, cuDNN SR", 2, swapper="mesh", chunk=1,
                          settings={"sr_kernels": "cudnn"}),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, host landmark crops (before)", 2,
+                         swapper="mesh", chunk=1, host_landmark_crops=True),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, py-spy", 2, swapper="mesh", chunk=1,
                          py_spy=True),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, torch.profiler", 2, swapper="mesh",

@@ -559,14 +559,17 @@ class MtcnnDetector:
         self.pnet, self.rnet, self.onet = load_mtcnn_nets(store, self.device)
 
     @torch.inference_mode()
-    def detect(self, frames: np.ndarray) -> list[list[Face]]:
-        """Faces per frame, largest first; ``frames`` is (N,H,W,3) uint8 RGB (or one (H,W,3) frame)."""
+    def detect(self, frames: np.ndarray, on_device: torch.Tensor | None = None) -> list[list[Face]]:
+        """Faces per frame, largest first; ``frames`` is (N,H,W,3) uint8 RGB (or one (H,W,3) frame).
+
+        ``on_device``: the same frames already on the device (``FramesOnDevice``), so they go up once.
+        """
         if frames.ndim == 3:
             frames = frames[None]
         n, h, w = frames.shape[:3]
         if n == 0:
             return []
-        raw = _to_device(frames, self.device)
+        raw = _to_device(frames, self.device) if on_device is None else on_device
         imgs = raw.permute(0, 3, 1, 2).float()
         if imgs.is_cuda:
             # CUDA's area resize (adaptive average pooling) of 3-channel NHWC memory crawls at the small

@@ -22,6 +22,7 @@ from worker.models.align import estimate_similarity, paste_back, square_mask
 from worker.models.arcface import ArcFaceEmbedder
 from worker.models.detect_mtcnn import MtcnnDetector
 from worker.models.faces import Face, FaceDetector, StagedSwapper, Swapper
+from worker.models.frames_on_device import FramesOnDevice
 from worker.models.selection import create_selector
 from worker.models.smoothing import FaceSmoother
 from worker.models.source_face import SourceFace, load_source_face
@@ -152,6 +153,8 @@ class FaceEngine:
         self._by_path: Counter[str] = Counter()
         self._seconds: dict[str, float] = {"detect": 0.0, "swap": 0.0}
         self._lock = threading.Lock()
+        # On CUDA, detection and the mesh landmarks read one device copy of each batch.
+        self._on_device = FramesOnDevice(self.device) if self.device.type == "cuda" else None
         if enhance_crops is not None:
             self._seconds["enhance"] = 0.0
 
@@ -170,8 +173,14 @@ class FaceEngine:
     def detect(self, frames: np.ndarray) -> list[list[Face]]:
         """Raw detections, in sub-batches of ``detect_batch`` frames."""
         faces: list[list[Face]] = []
+        shared = self._on_device is not None and isinstance(self.detector, MtcnnDetector)
+        on_device = self._on_device.get(frames) if shared else None  # type: ignore[union-attr]
         for start in range(0, len(frames), self.detect_batch):
-            faces.extend(self.detector.detect(frames[start : start + self.detect_batch]))
+            part = slice(start, start + self.detect_batch)
+            if on_device is None:
+                faces.extend(self.detector.detect(frames[part]))
+            else:
+                faces.extend(self.detector.detect(frames[part], on_device=on_device[part]))  # type: ignore[call-arg]
         return faces
 
     def process(self, frames: np.ndarray, output_mask: Sequence[bool]) -> np.ndarray:
@@ -228,7 +237,8 @@ class FaceEngine:
         try:
             work.selected = self.selector.select(work.batch, [detections[i] for i in wanted])
             if isinstance(self.swapper, StagedSwapper):
-                work.tracked = self.swapper.track_batch(work.batch, work.selected)
+                on_device = self._on_device.get(work.batch) if self._on_device is not None else None
+                work.tracked = self.swapper.track_batch(work.batch, work.selected, on_device)
         except torch.cuda.OutOfMemoryError as exc:
             raise GpuOutOfMemoryError(
                 f"CUDA out of memory tracking faces on {self.device} ({len(frames)} frames)"

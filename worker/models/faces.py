@@ -52,13 +52,16 @@ class StagedSwapper(Protocol):
     """A swapper whose batch work splits in two: ``track_batch`` keeps state across batches (tracks,
     smoothing), so it runs once per batch in frame order; ``blend_batch`` reads only its arguments and
     the swapper's constants, so several batches may blend at once in other threads (the render
-    worker's blend pool). ``swap_batch`` is the two in a row."""
+    worker's blend pool). ``swap_batch`` is the two in a row. ``frames_on_device``: the batch already
+    on the swapper's device (a tensor, ``FramesOnDevice``), or None."""
 
     name: str
 
     def swap_batch(self, frames: np.ndarray, faces: Sequence[Sequence[Face]]) -> list[SwapOutput]: ...
 
-    def track_batch(self, frames: np.ndarray, faces: Sequence[Sequence[Face]]) -> Any: ...
+    def track_batch(
+        self, frames: np.ndarray, faces: Sequence[Sequence[Face]], frames_on_device: Any = None
+    ) -> Any: ...
 
     def blend_batch(
         self, frames: np.ndarray, faces: Sequence[Sequence[Face]], tracked: Any

@@ -71,3 +71,62 @@ def test_batches_are_padded_to_a_few_sizes_without_changing_the_points(detector,
     assert seen[0] == 8 and seen[1:] == [1] * 5
     np.testing.assert_allclose(together, np.concatenate([p for p, _ in alone]), atol=1e-3)
     np.testing.assert_allclose(presence_together, np.concatenate([q for _, q in alone]), atol=1e-5)
+
+
+def test_device_crops_match_cv2_crops_inside_and_past_the_frame_edges(astronaut):
+    """``warp_crops`` (the CUDA path's crops, run here on CPU tensors) equals ``cut_crop`` within one
+    grey level, for rotated ROIs of every size, some reaching far past the frame (replicated border)."""
+    import torch
+
+    from worker.models.mesh.landmarker import (
+        INPUT_PX,
+        FaceRoi,
+        crop_matrices,
+        cut_crop,
+        invert_affines,
+        roi_params,
+        warp_crops,
+    )
+
+    frames = np.stack([astronaut, astronaut[::-1, ::-1].copy()])
+    rng = np.random.default_rng(7)
+    rois = [
+        FaceRoi(
+            int(rng.integers(0, 2)),
+            float(rng.uniform(-60, 570)),
+            float(rng.uniform(-60, 570)),
+            float(rng.uniform(16, 700)),
+            float(rng.uniform(-np.pi, np.pi)),
+        )
+        for _ in range(64)
+    ]
+    matrices = crop_matrices(torch.from_numpy(roi_params(rois)))
+    np.testing.assert_allclose(matrices.numpy(), np.stack([r.crop_matrix() for r in rois]), atol=1e-9)
+    index = torch.tensor([r.frame_index for r in rois])
+    got = warp_crops(torch.from_numpy(frames), index, invert_affines(matrices), INPUT_PX).numpy()
+    want = np.stack([cut_crop(frames[r.frame_index], r) for r in rois])
+    diff = np.abs(got.astype(int) - want.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
+
+
+def test_refinement_on_device_gives_the_host_refinement(detector, landmarker, astronaut, t1):
+    """Both net passes with device crops and device ROIs (one sync) land on the host path's points."""
+    import torch
+
+    h, w = max(t1.shape[0], 512), max(t1.shape[1], 512)
+    frames = np.zeros((2, h, w, 3), np.uint8)
+    frames[0, : t1.shape[0], : t1.shape[1]] = t1
+    frames[1, :512, :512] = astronaut
+    rois = [roi_from_face(f, i) for i, found in enumerate(detector.detect(frames)) for f in found]
+    assert len(rois) >= 5
+    points, presence, second = landmarker.landmarks_refined(frames, rois)
+    points_d, presence_d, second_d = landmarker.landmarks_refined_on_device(torch.from_numpy(frames), rois)
+    assert points_d.shape == points.shape and presence_d.dtype == np.float32
+    assert np.abs(points_d - points).max() < 0.1
+    np.testing.assert_allclose(presence_d, presence, atol=1e-3)
+    for a, b in zip(second, second_d, strict=True):
+        assert a.frame_index == b.frame_index
+        assert abs(a.centre_x - b.centre_x) < 0.05 and abs(a.side_px - b.side_px) < 0.05
+        assert abs(a.angle_rad - b.angle_rad) < 1e-3
+    empty = landmarker.landmarks_refined_on_device(torch.from_numpy(frames), [])
+    assert empty[0].shape == (0, 468, 3) and empty[1].shape == (0,) and empty[2] == []

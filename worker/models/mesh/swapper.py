@@ -21,9 +21,10 @@ import torch
 
 from worker.models.align import MASK_EPS
 from worker.models.faces import Face, SwapOutput
+from worker.models.mesh.blend_torch import upload
 from worker.models.mesh.compositor_batched import BatchedCompositor, Item
 from worker.models.mesh.compositor_torch import DeviceCanvas, FacePlan, TorchCompositor, bounding_rect
-from worker.models.mesh.landmarker import FaceMeshLandmarker, roi_from_face
+from worker.models.mesh.landmarker import FaceMeshLandmarker, FaceRoi, roi_from_face
 from worker.models.mesh.tracking import FaceTracker
 from worker.models.mesh.triangles import MeshTopology, load_topology, signed_areas
 from worker.models.mesh.warp import polygon_mask, rasterise_mesh, warp_through
@@ -200,12 +201,16 @@ class MeshSwapper:
             return self._classic
 
     def track_batch(
-        self, frames: np.ndarray, faces: Sequence[Sequence[Face]]
+        self,
+        frames: np.ndarray,
+        faces: Sequence[Sequence[Face]],
+        frames_on_device: torch.Tensor | None = None,
     ) -> list[list[np.ndarray | None]]:
         """The smoothed mesh (468,3) of every face, or None where the face takes the classic path.
 
         All mesh-eligible faces of the batch run through the net together; smoothing then walks the
-        frames in order, one IoU track per face.
+        frames in order, one IoU track per face. On CUDA the crops are cut on the device, from
+        ``frames_on_device`` when given (else the batch goes up here).
         """
         started = time.perf_counter()
         rois, owners = [], []
@@ -214,7 +219,7 @@ class MeshSwapper:
                 if self.source_ok and face.size_px >= self.min_face_px:
                     rois.append(roi_from_face(face, fi))
                     owners.append((fi, k))
-        points, presence, _ = self.landmarker.landmarks_refined(frames, rois)
+        points, presence = self._landmarks(frames, rois, frames_on_device)
         found = {owner: i for i, owner in enumerate(owners) if presence[i] >= self.presence_min}
         meshes: list[list[np.ndarray | None]] = []
         for fi, frame_faces in enumerate(faces):
@@ -230,6 +235,18 @@ class MeshSwapper:
             meshes.append(row)
         self.seconds["landmarks"] += time.perf_counter() - started
         return meshes
+
+    def _landmarks(
+        self, frames: np.ndarray, rois: list[FaceRoi], frames_on_device: torch.Tensor | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Refined points and presence per ROI: crops cut on the device on CUDA, by cv2 elsewhere."""
+        if frames_on_device is None and self.landmarker.device.type == "cuda" and rois:
+            frames_on_device = upload(np.asarray(frames), self.landmarker.device)
+        if frames_on_device is not None:
+            points, presence, _ = self.landmarker.landmarks_refined_on_device(frames_on_device, rois)
+        else:
+            points, presence, _ = self.landmarker.landmarks_refined(frames, rois)
+        return points, presence
 
     def swap_batch(self, frames: np.ndarray, faces: Sequence[Sequence[Face]]) -> list[SwapOutput]:
         """Swap every face of every frame: mesh where a mesh was found, classic otherwise.
