@@ -115,7 +115,8 @@ def render_chunk(
                     if errors:
                         raise errors[0]
                     with clock.timed("faces"), session.face_stream_context("swap"):
-                        work = engine.plan_swap(batch.frames, faces, batch.output_mask)
+                        # the decoded batch is not read again: the swap may write into it
+                        work = engine.plan_swap(batch.frames, faces, batch.output_mask, in_place=True)
                     keep = [i for i, out in enumerate(batch.output_mask) if out]
                     if not keep:  # warm-up frames: tracked above, never blended
                         continue

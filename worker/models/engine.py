@@ -94,6 +94,7 @@ class SwapWork:
     batch: np.ndarray | None = None  # frames[wanted]
     selected: list[list[Face]] = field(default_factory=list)  # per wanted frame, the faces to swap
     tracked: Any = None  # a StagedSwapper's track_batch result
+    in_place: bool = False  # blend into ``frames`` itself (the caller gave the batch up)
 
 
 class FaceEngine:
@@ -214,12 +215,19 @@ class FaceEngine:
         return self.finish_swap(self.plan_swap(frames, detections, output_mask))
 
     def plan_swap(
-        self, frames: np.ndarray, detections: Sequence[list[Face]], output_mask: Sequence[bool]
+        self,
+        frames: np.ndarray,
+        detections: Sequence[list[Face]],
+        output_mask: Sequence[bool],
+        *,
+        in_place: bool = False,
     ) -> SwapWork:
         """The in-order half of ``swap_found``: face selection and the swapper's tracking.
 
         Stateful: call it on every batch, in frame order. ``finish_swap`` then does the rest, and may
         run for several planned batches at once, each in its own thread (the render worker's blend pool).
+        ``in_place``: the caller gives ``frames`` up, so ``finish_swap`` may write the swapped frames into
+        it and return it (no 50 MB copies per 1080p batch) when a staged swapper sees every frame.
         """
         if len(output_mask) != len(frames) or len(detections) != len(frames):
             raise ValueError(
@@ -234,6 +242,13 @@ class FaceEngine:
         # swappers never write into their input, so a batch of all the frames needs no copy (a 1080p
         # batch is 50 MB, copied in the face thread)
         work.batch = frames if len(wanted) == len(frames) else frames[wanted]
+        work.in_place = (
+            in_place
+            and work.batch is frames
+            and all(work.output_mask)
+            and isinstance(self.swapper, StagedSwapper)
+            and frames.flags.writeable
+        )
         try:
             work.selected = self.selector.select(work.batch, [detections[i] for i in wanted])
             if isinstance(self.swapper, StagedSwapper):
@@ -264,18 +279,22 @@ class FaceEngine:
         assert work.batch is not None
         t0 = time.perf_counter()
         if isinstance(self.swapper, StagedSwapper):
-            outputs = self.swapper.blend_batch(work.batch, work.selected, work.tracked)
+            outputs = self.swapper.blend_batch(
+                work.batch, work.selected, work.tracked, in_place=work.in_place
+            )
         else:
             outputs = self.swapper.swap_batch(work.batch, work.selected)
         self._add_seconds("swap", time.perf_counter() - t0)
 
-        result = np.empty(frames.shape, dtype=np.uint8)  # every row is written once, below
+        # in place, the swapped frames are already ``frames``' rows; else every row is written once, below
+        result = frames if work.in_place else np.empty(frames.shape, dtype=np.uint8)
         swapped = dict(zip(work.wanted, range(len(work.wanted)), strict=True))
         faces, paths, enhance_s = 0, Counter[str](), 0.0
         for i in range(len(frames)):
             j = swapped.get(i)
             if j is None or not work.output_mask[i]:
-                result[i] = frames[i]
+                if not work.in_place:
+                    result[i] = frames[i]
                 continue
             frame = outputs[j].frame
             faces += len(outputs[j].paths)
@@ -284,7 +303,8 @@ class FaceEngine:
                 t0 = time.perf_counter()
                 frame = self._enhance(frame, work.selected[j])
                 enhance_s += time.perf_counter() - t0
-            result[i] = frame
+            if not (work.in_place and frame is outputs[j].frame):  # in place, that frame is row i already
+                result[i] = frame
         with self._lock:
             self._faces += faces
             self._by_path.update(paths)

@@ -53,7 +53,8 @@ class StagedSwapper(Protocol):
     smoothing), so it runs once per batch in frame order; ``blend_batch`` reads only its arguments and
     the swapper's constants, so several batches may blend at once in other threads (the render
     worker's blend pool). ``swap_batch`` is the two in a row. ``frames_on_device``: the batch already
-    on the swapper's device (a tensor, ``FramesOnDevice``), or None."""
+    on the swapper's device (a tensor, ``FramesOnDevice``), or None. ``in_place``: ``blend_batch`` may
+    write the swapped frames into ``frames`` (the caller gives its batch up)."""
 
     name: str
 
@@ -64,7 +65,7 @@ class StagedSwapper(Protocol):
     ) -> Any: ...
 
     def blend_batch(
-        self, frames: np.ndarray, faces: Sequence[Sequence[Face]], tracked: Any
+        self, frames: np.ndarray, faces: Sequence[Sequence[Face]], tracked: Any, in_place: bool = False
     ) -> list[SwapOutput]: ...
 
 

@@ -87,3 +87,27 @@ def test_inswapper_engine_swaps_with_user_weights(
     assert np.array_equal(out[1], engine_frames[1])
     assert _changed(out[0], engine_frames[0]).any()
     assert engine.stats["faces_by_path"] == {"inswapper": 2}
+
+
+def test_an_in_place_swap_hands_back_the_batch_itself_holding_the_copys_frames(
+    face_store: Path, camera_rgb: np.ndarray, engine_frames: np.ndarray
+) -> None:
+    """``plan_swap(in_place=True)`` with the mesh swapper: the frames a copying engine returns, written
+    into the caller's batch; a batch with warm-up frames is never written into."""
+
+    def engine() -> FaceEngine:
+        return FaceEngine(swapper_name="mesh", source_image=camera_rgb, store=face_store, device="cpu")
+
+    copying, in_place = engine(), engine()
+    for mask in ([False, True, True], [True, True, True]):
+        batch = engine_frames.copy()
+        want = copying.finish_swap(copying.plan_swap(batch, copying.find_faces(batch), mask))
+        assert np.array_equal(batch, engine_frames)
+        work = in_place.plan_swap(batch, in_place.find_faces(batch), mask, in_place=True)
+        got = in_place.finish_swap(work)
+        assert np.array_equal(got, want)
+        if all(mask):
+            assert got is batch and not np.array_equal(batch, engine_frames)
+        else:
+            assert got is not batch and np.array_equal(batch, engine_frames)
+    assert in_place.stats["faces"] == copying.stats["faces"] > 0

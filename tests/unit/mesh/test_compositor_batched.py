@@ -155,6 +155,21 @@ def test_batched_matches_per_face_torch_on_a_packed_scene(swappers, scene):
     assert candidate[2].paths[3] == "classic"
 
 
+@pytest.mark.parametrize("kind", ["batched", "torch", "cv2"])
+def test_in_place_blend_writes_the_copys_picture_into_the_batch(swappers, scene, kind):
+    """``in_place``: the same frames and masks as a blend into a copy (layers, levels, a classic face
+    between overlapping mesh faces), written into the caller's batch, each output a view of it."""
+    frames, faces, meshes = scene
+    want = swappers[kind].blend_batch(frames, faces, meshes)
+    batch = frames.copy()
+    got = swappers[kind].blend_batch(batch, faces, meshes, in_place=True)
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert a.paths == b.paths
+        assert np.array_equal(a.frame, b.frame) and np.array_equal(a.mask, b.mask), (kind, i)
+        assert np.shares_memory(a.frame, batch[i]) and np.array_equal(batch[i], b.frame)
+    assert not np.array_equal(batch, frames)
+
+
 def test_batched_matches_per_face_torch_on_the_clip(swappers, swap_clip):
     """One face a frame: every pose of the clip, the rotation sweep and the face-less frames."""
     frames, _, faces = swap_clip

@@ -271,10 +271,13 @@ class BatchedCompositor:
         # the mouth is non-zero only near these points: its dilation runs in their box only
         self._mouth_near = np.concatenate([np.unique(topology.triangles[start:stop]), loop])
 
-    def composite(self, frames: np.ndarray, items: Sequence[Sequence[Item]]) -> tuple[np.ndarray, np.ndarray]:
+    def composite(
+        self, frames: np.ndarray, items: Sequence[Sequence[Item]], *, in_place: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The (N,H,W,3) uint8 frames with every item blended in order, and each frame's union mask
-        (N,H,W float32, the max of its face masks). One download per layer; host steps run in place."""
-        out = np.array(frames, dtype=np.uint8, copy=True)
+        (N,H,W float32, the max of its face masks). One download per layer; host steps run in place.
+        ``in_place``: blend into ``frames`` itself (uint8, writable) rather than into a copy."""
+        out = frames if in_place else np.array(frames, dtype=np.uint8, copy=True)
         union = np.zeros(out.shape[:3], dtype=np.float32)
         layers = plan_layers(items)
         for layer in range(max((max(row, default=-1) for row in layers), default=-1) + 1):
@@ -297,22 +300,29 @@ class BatchedCompositor:
     def _blend_layer(self, out: np.ndarray, union: np.ndarray, faces: list[tuple[int, FacePlan]]) -> None:
         """Blend faces whose windows do not overlap: queue every pass, download once, paste on the host."""
         passes = plan_passes([plan for _, plan in faces], self.max_pass_px)
-        packed = [self._blend_pass(out, [faces[i] for i in group]) for group in passes]
-        host = torch.cat([p.reshape(-1) for p in packed]).cpu().numpy()  # the layer's one sync
-        offset = 0
-        for group, p in zip(passes, packed, strict=True):
-            block = host[offset : offset + p.numel()].reshape(p.shape)
+        blended = [self._blend_pass(out, [faces[i] for i in group]) for group in passes]
+        # every pass's masks (float32 bytes first, so each stays 4-byte aligned), then its pixels: the
+        # layer's one sync, and the paste below copies whole contiguous rows
+        parts = [m.view(torch.uint8) for _, m in blended] + [rgb for rgb, _ in blended]
+        host = torch.cat([p.reshape(-1) for p in parts]).cpu().numpy()
+        views, offset = [], 0
+        for p in parts:
+            views.append(host[offset : offset + p.numel()])
             offset += p.numel()
-            masks = np.ascontiguousarray(block[..., 3:]).view(np.float32)[..., 0]
+        for g, (group, (rgb_t, mask_t)) in enumerate(zip(passes, blended, strict=True)):
+            masks = views[g].view(np.float32).reshape(mask_t.shape)
+            block = views[len(blended) + g].reshape(rgb_t.shape)
             for k, i in enumerate(group):
                 fi, plan = faces[i]
                 x0, y0, x1, y1 = plan.window
                 h, w = y1 - y0, x1 - x0
-                out[fi, y0:y1, x0:x1] = block[k, :h, :w, :3]
+                out[fi, y0:y1, x0:x1] = block[k, :h, :w]
                 np.maximum(union[fi, y0:y1, x0:x1], masks[k, :h, :w], out=union[fi, y0:y1, x0:x1])
 
-    def _blend_pass(self, frames: np.ndarray, faces: list[tuple[int, FacePlan]]) -> torch.Tensor:
-        """(F,Hm,Wm,7) uint8 on the device: each face's blended window (3) and its mask's float32 bytes."""
+    def _blend_pass(
+        self, frames: np.ndarray, faces: list[tuple[int, FacePlan]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """On the device: each face's blended window (F,Hm,Wm,3) uint8 and its mask (F,Hm,Wm) float32."""
         plans = [plan for _, plan in faces]
         wins = np.array([plan.window for plan in plans], dtype=np.int64)
         hs, ws = wins[:, 3] - wins[:, 1], wins[:, 2] - wins[:, 0]
@@ -340,8 +350,7 @@ class BatchedCompositor:
         warped = _match_colour(warped, roi, region * (mask > 0), self.colour_sigma_frac * iod, sizes)
         m = mask[None]
         blended = torch.where(m > 0, round_u8(roi * (1.0 - m) + warped * m), roi)
-        mask_bytes = mask.contiguous().view(torch.uint8).view(f, hm, wm, 4)
-        return torch.cat([blended.permute(1, 2, 3, 0).to(torch.uint8), mask_bytes], dim=3)
+        return blended.permute(1, 2, 3, 0).to(torch.uint8).contiguous(), mask.contiguous()
 
     def _warp_faces(
         self, plans: list[FacePlan], wins: np.ndarray, inside: torch.Tensor
