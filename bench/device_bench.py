@@ -722,27 +722,48 @@ class PipelineCase:
     # which chunk of the clip: frames [chunk * N, (chunk + 1) * N). Chunk 1 after chunk 0 is a warm
     # process meeting new faces (new batch shapes), as a worker's next chunk does
     chunk: int = 0
-    # the mesh landmarks' crops cut by cv2 on the host, as before the sixth session (device crops' A/B)
-    host_landmark_crops: bool = False
+    # sixth-session changes this case undoes, for an A/B in one call (names: ``REVERTS``)
+    reverts: tuple[str, ...] = ()
 
 
-@contextlib.contextmanager
-def landmark_crops_on_host(enabled: bool) -> Iterator[None]:
-    """While on, ``MeshSwapper`` cuts its landmark crops with cv2 on the host (two rounds, two syncs)."""
-    if not enabled:
-        yield
-        return
+def _host_landmark_crops() -> tuple[Any, str, Any]:
+    """``MeshSwapper`` cuts its landmark crops with cv2 on the host (two rounds, two syncs)."""
     from worker.models.mesh.swapper import MeshSwapper
 
     def host(self: Any, frames: Any, rois: Any, _on_device: Any) -> Any:
         return self.landmarker.landmarks_refined(frames, rois)[:2]
 
-    original = MeshSwapper._landmarks
-    MeshSwapper._landmarks = host  # type: ignore[method-assign]
+    return MeshSwapper, "_landmarks", host
+
+
+def _copying_blend() -> tuple[Any, str, Any]:
+    """The blend writes into a copy of the decoded batch, then into a new result array (two copies)."""
+    from worker.models.engine import FaceEngine
+
+    original = FaceEngine.plan_swap
+
+    def copying(self: Any, frames: Any, detections: Any, output_mask: Any, *, in_place: bool = False) -> Any:
+        return original(self, frames, detections, output_mask, in_place=False)
+
+    return FaceEngine, "plan_swap", copying
+
+
+REVERTS = {"host_landmark_crops": _host_landmark_crops, "copying_blend": _copying_blend}
+
+
+@contextlib.contextmanager
+def reverted(names: tuple[str, ...]) -> Iterator[None]:
+    """Each named change undone (a class attribute swapped) while the block runs."""
+    undo = []
     try:
+        for name in names:
+            owner, attr, replacement = REVERTS[name]()
+            undo.append((owner, attr, getattr(owner, attr)))
+            setattr(owner, attr, replacement)
         yield
     finally:
-        MeshSwapper._landmarks = original  # type: ignore[method-assign]
+        for owner, attr, original in reversed(undo):
+            setattr(owner, attr, original)
 
 
 def profile_table(profiler: cProfile.Profile, top: int = 30) -> list[str]:
@@ -878,7 +899,7 @@ def _pipeline_runs(ctx: BenchContext, device: torch.device, width: int, height: 
                 row.update(frames=measured.frames, wall_s=round(measured.wall_s, 3), cpu_s=round(measured.cpu_s, 3),
                            stage_seconds={k: round(v, 3) for k, v in measured.stage_seconds.items()})  # fmt: skip
             else:
-                with installed_session(session_for(case)), landmark_crops_on_host(case.host_landmark_crops):
+                with installed_session(session_for(case)), reverted(case.reverts):
                     # the warm-up (models, allocator) always renders the clip's first frames
                     warm = render_chunk(spec_for(replace(case, chunk=0), min(16, frames), "warmup.mp4"), source=str(clip.path),
                                         face_path=face_path, output_path=work / "warmup.mp4", settings=settings_for(case),
@@ -1001,7 +1022,11 @@ def part_pipeline(ctx: BenchContext) -> dict[str, Any]:
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, cuDNN SR", 2, swapper="mesh", chunk=1,
                          settings={"sr_kernels": "cudnn"}),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, host landmark crops (before)", 2,
-                         swapper="mesh", chunk=1, host_landmark_crops=True),
+                         swapper="mesh", chunk=1, reverts=("host_landmark_crops",)),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, copying blend (before)", 2,
+                         swapper="mesh", chunk=1, reverts=("copying_blend",)),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, session 5 face path (both before)", 2,
+                         swapper="mesh", chunk=1, reverts=("host_landmark_crops", "copying_blend")),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, py-spy", 2, swapper="mesh", chunk=1,
                          py_spy=True),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, torch.profiler", 2, swapper="mesh",
