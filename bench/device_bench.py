@@ -1005,6 +1005,10 @@ def part_pipeline(ctx: BenchContext) -> dict[str, Any]:
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, SR batch 8, detect in the face thread, 5 ms"
                          " switch interval (session 3's settings)", 2, swapper="mesh", chunk=1,
                          settings={"sr_max_batch": 8, "detect_ahead": "off", "gil_switch_interval_ms": 5.0}),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, detect ahead in its own thread", 2,
+                         swapper="mesh", chunk=1, settings={"detect_ahead": "on"}),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, detect ahead and 3 blend threads", 2,
+                         swapper="mesh", chunk=1, settings={"detect_ahead": "on", "blend_threads": 3}),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, 16-frame batches", 2, swapper="mesh",
                          chunk=1, settings=b16),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, Triton SR", 2, swapper="mesh", chunk=1,
