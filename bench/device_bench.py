@@ -748,21 +748,7 @@ def _copying_blend() -> tuple[Any, str, Any]:
     return FaceEngine, "plan_swap", copying
 
 
-def _eager_landmark_net() -> tuple[Any, str, Any]:
-    """The landmark net launched op by op (no CUDA graph)."""
-    from worker.models.mesh.landmarker import FaceMeshLandmarker
-
-    def eager(self: Any, x: Any) -> Any:
-        return tuple(self.net(x))
-
-    return FaceMeshLandmarker, "_run_net", eager
-
-
-REVERTS = {
-    "host_landmark_crops": _host_landmark_crops,
-    "copying_blend": _copying_blend,
-    "eager_landmark_net": _eager_landmark_net,
-}
+REVERTS = {"host_landmark_crops": _host_landmark_crops, "copying_blend": _copying_blend}
 
 
 @contextlib.contextmanager
@@ -1043,11 +1029,8 @@ def part_pipeline(ctx: BenchContext) -> dict[str, Any]:
                          swapper="mesh", chunk=1, reverts=("host_landmark_crops",)),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, copying blend (before)", 2,
                          swapper="mesh", chunk=1, reverts=("copying_blend",)),
-            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, eager landmark net (before)", 2,
-                         swapper="mesh", chunk=1, reverts=("eager_landmark_net",)),
-            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, session 5 face path (all before)", 2,
-                         swapper="mesh", chunk=1,
-                         reverts=("host_landmark_crops", "copying_blend", "eager_landmark_net")),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, session 5 face path (both before)", 2,
+                         swapper="mesh", chunk=1, reverts=("host_landmark_crops", "copying_blend")),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, py-spy", 2, swapper="mesh", chunk=1,
                          py_spy=True),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, torch.profiler", 2, swapper="mesh",

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from shared.model_store import require_file
-from worker.models.cuda_graphs import GraphedModule, shared_graphed
 from worker.models.faces import Face
 from worker.models.mesh.blend_torch import upload
 from worker.models.mesh.tflite_loader import TfliteModule, load_tflite
@@ -186,17 +185,7 @@ class FaceMeshLandmarker:
         self.device = torch.device(device)
         self.dtype = dtype
         self.max_batch = max_batch
-        # On CUDA one net per process, replayed from a CUDA graph per batch bucket (``cuda_graphs``).
-        self._graphed: GraphedModule | None = None
-        if self.device.type == "cuda":
-            path = require_file(store, LANDMARK_FILE)
-            self._graphed = shared_graphed(
-                (str(path.resolve()), str(self.device), dtype),
-                lambda: load_landmark_net(store, self.device, dtype),
-            )
-            self.net = self._graphed.module
-        else:
-            self.net = load_landmark_net(store, self.device, dtype)
+        self.net = load_landmark_net(store, self.device, dtype)
 
     @torch.inference_mode()
     def run_crops(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -218,17 +207,10 @@ class FaceMeshLandmarker:
             # every batch made the first chunks of a worker 3x slower on an H200 (bench/RESULTS.md)
             x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, batch_bucket(n) - n))
             x = x.contiguous(memory_format=torch.channels_last)
-            mesh, flag = self._run_net(x)
+            mesh, flag = self.net(x)
             presence = torch.sigmoid(flag.float().reshape(-1, 1))
             outputs.append(torch.cat([mesh.float().reshape(-1, POINTS * 3), presence], 1)[:n])
         return torch.cat(outputs)
-
-    def _run_net(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._graphed is not None:
-            mesh, flag = self._graphed(x)
-            return mesh, flag
-        mesh, flag = self.net(x)
-        return mesh, flag
 
     def _points_on_device(
         self, frames: torch.Tensor, frame_index: torch.Tensor, params: torch.Tensor
