@@ -187,6 +187,22 @@ def _decode(spec: ChunkSpec, source: str, batch_frames: int) -> Iterator[FrameBa
     )
 
 
+def _uploaded(
+    batches: Iterator[FrameBatch], engine: FaceEngine, session: RenderSession
+) -> Iterator[FrameBatch]:
+    """Each decoded batch, its upload to the device already queued (in the decoding thread, on a
+    stream of its own); detection and the mesh landmarks then read that one copy."""
+    try:
+        for batch in batches:
+            with session.face_stream_context("upload"):
+                engine.upload_ahead(batch.frames)
+            yield batch
+    finally:  # the decoder's file is closed with the pipeline, not at garbage collection
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+
+
 @contextmanager
 def _blend_pool(
     session: RenderSession, clock: _StageClock, chunk: int
@@ -227,7 +243,8 @@ def _faces_found(
 ) -> Generator[tuple[FrameBatch, list[list[Face]]], None, None]:
     """Decoded batches with their faces. Decoding runs ahead in its thread; with detect-ahead so
     does detection (on its own CUDA stream), one batch ahead of the swap, else the caller detects."""
-    decoded = _prefetched(_decode(spec, source, session.batch_frames(spec.options)), clock, "decode")
+    decoded = _prefetched(_uploaded(_decode(spec, source, session.batch_frames(spec.options)), engine, session),
+                          clock, "decode")  # fmt: skip
     if not session.detect_ahead:
         with closing(decoded):
             for batch in decoded:

@@ -55,6 +55,31 @@ def test_the_engine_uploads_each_batch_once_and_finds_the_same_faces(cuda, gpu_s
     assert out.shape == frames.shape and not np.array_equal(out, frames)
 
 
+def test_a_batch_uploaded_ahead_in_another_thread_is_not_uploaded_again(cuda, gpu_store, frames):
+    import threading
+
+    from worker.models.engine import FaceEngine
+
+    source = insightface_image("Tom_Hanks_54745.png")
+    engine = FaceEngine(swapper_name="mesh", source_image=source, store=gpu_store, device=cuda)
+    batch = frames.copy()
+
+    def decoder() -> None:
+        with torch.cuda.stream(torch.cuda.Stream(cuda)):
+            torch.cuda._sleep(50_000_000)  # the upload queues behind ~20 ms of this stream's work
+            engine.upload_ahead(batch)
+
+    thread = threading.Thread(target=decoder)
+    thread.start()
+    thread.join()
+    found = engine.find_faces(batch)
+    work = engine.plan_swap(batch, found, [True] * len(batch), in_place=True)
+    assert engine._on_device is not None and engine._on_device.uploads == 1
+    assert [len(row) for row in found] == [len(row) for row in engine.detector.detect(frames)]
+    out = engine.finish_swap(work)
+    assert out is batch and not np.array_equal(out, frames)
+
+
 def test_device_crops_give_the_host_crops_landmarks(cuda, gpu_store, frames):
     from worker.models.detect_mtcnn import MtcnnDetector
     from worker.models.mesh.landmarker import FaceMeshLandmarker, roi_from_face

@@ -190,6 +190,13 @@ class FaceEngine:
             raise ValueError(f"output_mask has {len(output_mask)} entries for {len(frames)} frames")
         return self.swap_found(frames, self.find_faces(frames), output_mask)
 
+    def upload_ahead(self, frames: np.ndarray) -> None:
+        """Start this batch's one upload to the device now, from the calling thread (the render worker's
+        decoder, ahead of ``find_faces``), so the face thread does not spend its time staging 50 MB
+        1080p batches through pinned memory. A no-op off CUDA."""
+        if self._on_device is not None:
+            self._on_device.get(frames)
+
     def find_faces(self, frames: np.ndarray) -> list[list[Face]]:
         """The detection half of ``process``: each frame's faces, smoothed over the frames seen so far.
 

@@ -23,16 +23,18 @@ class _Entry:
 
 
 class FramesOnDevice:
-    """The device copies of the last ``keep`` host batches, keyed by the array object.
+    """The device copies of the last ``keep`` host batches (at most ``max_bytes``), keyed by the array
+    object.
 
     ``get`` from another CUDA stream (a detection thread one batch ahead) waits for the upload on the
     device and marks the tensor as used there, so the allocator cannot hand it out early. Callers must
     not write into a batch after its first ``get`` (the render worker never does).
     """
 
-    def __init__(self, device: torch.device, keep: int = 4) -> None:
+    def __init__(self, device: torch.device, keep: int = 6, max_bytes: int = 1 << 30) -> None:
         self.device = torch.device(device)
         self.keep = max(1, keep)
+        self.max_bytes = max_bytes  # 4K batches are 200 MB: fewer of them are kept
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
         self._lock = threading.Lock()
         self.uploads = 0  # how many batches went up (a test checks the sharing)
@@ -48,7 +50,10 @@ class FramesOnDevice:
         with self._lock:
             self._entries[id(frames)] = entry
             self._entries.move_to_end(id(frames))
-            while len(self._entries) > self.keep:
+            while len(self._entries) > 1 and (
+                len(self._entries) > self.keep
+                or sum(e.tensor.nbytes for e in self._entries.values()) > self.max_bytes
+            ):
                 self._entries.popitem(last=False)
             self.uploads += 1
         return entry.tensor
