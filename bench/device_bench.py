@@ -953,11 +953,23 @@ def _pipeline_runs(ctx: BenchContext, device: torch.device, width: int, height: 
         ]
         # the mean of the group's per-frame rows (a case may run twice: the machine drifts between rows)
         bases = [r["fps"] for r in same if r.get("mode") == "per_frame"]
+        # with --rounds, also against the baseline of the row's own round: a process's first render of
+        # either kind is 20-35% slower, so round 1's mean-based ratio flatters the pipelined rows
+        by_round = {_round_of(r["run"]): r["fps"] for r in same if r.get("mode") == "per_frame"}
         for r in same:
             if bases:
                 r["x_per_frame"] = round(r["fps"] / statistics.mean(bases), 2)
                 r["per_frame_fps"] = round(statistics.mean(bases), 3)
+            base = by_round.get(_round_of(r["run"]))
+            if base and _round_of(r["run"]) is not None:
+                r["x_same_round"] = round(r["fps"] / base, 2)
     return result
+
+
+def _round_of(label: str) -> int | None:
+    """The round of a ``--rounds`` row (its label ends in `` #k``), else None."""
+    head, sep, tail = label.rpartition(" #")
+    return int(tail) if sep and tail.isdigit() else None
 
 
 def _mesh_available() -> bool:

@@ -46,3 +46,25 @@ def test_smoke_run_writes_json_without_errors(tmp_path: Path, model_store: Path)
     assert all(r["fps"] > 0 for r in rows)
     table = done.stdout[done.stdout.index("part ") :]
     assert "per-frame synchronous x2 [baseline]" in table and table.splitlines()[-1].startswith("total")
+
+
+def test_rounds_get_same_round_ratios_and_reverted_cases_write_the_same_video(
+    tmp_path: Path, model_store: Path
+) -> None:
+    """``--rounds 2`` with the headline pair and a case undoing the in-place blend: each row's ratio to
+    its own round's baseline, and on the CPU (where the undone change moves no pixel) equal outputs."""
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, str(REPO / "bench" / "device_bench.py"), "--smoke", "--out", str(out), "--device", "cpu",
+        "--store", str(model_store), "--work", str(tmp_path / "work"), "--parts", "pipeline", "--rounds", "2",
+        "--pipeline-cases", "next chunk of the process,next chunk [baseline],copying blend", "--budget-s", "600",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((out / "bench.json").read_text())["parts"]["pipeline"]["runs"]
+    assert len(rows) == 6 and not [r for r in rows if "error" in r or "skipped" in r]
+    for r in rows:
+        base = next(b for b in rows if b["mode"] == "per_frame" and b["run"][-2:] == r["run"][-2:])
+        assert r["x_same_round"] == round(r["fps"] / base["fps"], 2)
+    digests = {r["output_md5"] for r in rows if r["mode"] == "pipelined"}
+    assert len(digests) == 1
