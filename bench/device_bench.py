@@ -1061,10 +1061,24 @@ def part_pipeline(ctx: BenchContext) -> dict[str, Any]:
             PipelineCase(f"render_chunk pipelined x1 (1080p out), {mesh}", 1, swapper="mesh"),
         ]  # fmt: skip
     if ctx.pipeline_cases:
-        cases = [c for c in cases if any(part in c.label for part in ctx.pipeline_cases)]
+        cases = select_cases(cases, ctx.pipeline_cases)
     if ctx.rounds > 1:  # interleaved repeats: the machine's speed drifts from row to row
         cases = [replace(c, label=f"{c.label} #{k + 1}") for k in range(ctx.rounds) for c in cases]
     return _pipeline_runs(ctx, ctx.device, width, height, ctx.frames, cases)
+
+
+def select_cases(cases: list[PipelineCase], parts: tuple[str, ...]) -> list[PipelineCase]:
+    """The cases whose label holds one of ``parts``, listed on stdout. An entry that matches nothing
+    stops the run before any work (a device call was once spent on a typo)."""
+    kept = []
+    for part in parts:
+        matched = [c for c in cases if part in c.label]
+        if not matched:
+            raise SystemExit(f"--pipeline-cases entry {part!r} matches no case of this part")
+        kept += [c for c in matched if c not in kept]
+    selected = [c for c in cases if c in kept]
+    print(f"[bench] {len(selected)} pipeline cases: " + " | ".join(c.label for c in selected), flush=True)
+    return selected
 
 
 def part_cpu(ctx: BenchContext) -> dict[str, Any]:

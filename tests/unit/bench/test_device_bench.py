@@ -68,3 +68,15 @@ def test_rounds_get_same_round_ratios_and_reverted_cases_write_the_same_video(
         assert r["x_same_round"] == round(r["fps"] / base["fps"], 2)
     digests = {r["output_md5"] for r in rows if r["mode"] == "pipelined"}
     assert len(digests) == 1
+
+
+def test_a_case_filter_entry_that_matches_nothing_stops_before_any_work() -> None:
+    import pytest
+
+    from bench.device_bench import PipelineCase, select_cases
+
+    cases = [PipelineCase("alpha, next", 2), PipelineCase("beta, next", 2), PipelineCase("gamma", 1)]
+    assert [c.label for c in select_cases(cases, ("gamma", "beta,"))] == ["beta, next", "gamma"]
+    assert len(select_cases(cases, ("next", "alpha"))) == 2
+    with pytest.raises(SystemExit, match="matches no case"):
+        select_cases(cases, ("gamma", "next#gamma"))
