@@ -3,7 +3,8 @@
 The autotuner (``triton_conv.TUNE_CONFIGS``) only tries a dozen configs, because every config is
 compiled at a worker's first chunk. This sweep times many more, once per GPU kind, on the shapes that
 carry the FLOPs (1080p, batch 1): what it finds goes into the autotuner's short list. Each row: the
-config, its median time, TFLOP/s, and the speed-up over the config the autotuner picks today.
+config, its median time, TFLOP/s, and the speed-up over the config the autotuner picks today (pointer
+loads). Every config runs with both load paths: pointer loads and TMA descriptors (``tma``).
 """
 
 from __future__ import annotations
@@ -91,7 +92,10 @@ def _sweep_shape(
     w = torch.randn(c_out, c_in, 3, 3, device=device) * (2.0 / (9 * c_in)) ** 0.5
     b = torch.randn(c_out, device=device) * 0.1
     prelu = torch.rand(c_out, device=device) * 0.3 if act == "prelu" else None
-    layer = pack_conv3x3(w, b, activation=act, prelu_weight=prelu, dtype=torch.float16)
+    layers = {
+        loads: pack_conv3x3(w, b, activation=act, prelu_weight=prelu, dtype=torch.float16, tma=loads == "tma")
+        for loads in ("pointer", "tma")
+    }
     out = torch.empty(1, c_out, height, width, device=device, dtype=torch.float16).contiguous(
         memory_format=torch.channels_last
     )
@@ -103,39 +107,53 @@ def _sweep_shape(
         ref = torch.nn.functional.leaky_relu(ref, 0.01)
     row: dict[str, Any] = {"shape": label, "gflop": round(flop / 1e9, 2), "configs": []}
 
-    def timed(block: tuple[int, ...] | None) -> float:
+    def timed(loads: str, block: tuple[int, ...] | None) -> float:
         return float(
             triton.testing.do_bench(
-                lambda: conv3x3(x, layer, out=out, block=block), warmup=25, rep=200, return_mode="median"
-            )  # fmt: skip
+                lambda: conv3x3(x, layers[loads], out=out, block=block),
+                warmup=25,
+                rep=200,
+                return_mode="median",
+            )
         )
 
-    started = time.perf_counter()
-    conv3x3(x, layer, out=out)  # the autotuner's pick, for the ratio
-    autotune_s = time.perf_counter() - started
     tuned = triton_conv._kernels(False)[1]
-    cache = getattr(tuned, "cache", None) or {}
-    picked = next(iter(cache.values()), None)
-    base_ms = timed(None)
-    row["autotuned"] = {"config": str(picked), "ms": round(base_ms, 4), "autotune_s": round(autotune_s, 1),
-                        "tflop_s": round(flop / base_ms / 1e9, 1)}  # fmt: skip
-    cache.clear()  # the next shape tunes afresh, and reports its own pick
-    for config in candidates:
-        if left_s() < 30:
-            row["stopped"] = "out of time"
-            break
-        entry: dict[str, Any] = {"config": list(config)}
+    base_ms: dict[str, float] = {}
+    # the autotuner's pick for each load path; the pointer loads' is the ratios' base
+    for loads in ("pointer", "tma"):
+        started = time.perf_counter()
         try:
-            out.fill_(float("nan"))
-            conv3x3(x, layer, out=out, block=config)
-            err = ((out.float() - ref).norm() / ref.norm()).item()
-            ms = timed(config)
-            entry.update(ms=round(ms, 4), tflop_s=round(flop / ms / 1e9, 1), rel_err=float(f"{err:.2e}"),
-                         x_autotuned=round(base_ms / ms, 3))  # fmt: skip
-        except Exception as exc:  # a config the compiler or the chip refuses (shared memory, registers)
-            entry["error"] = f"{type(exc).__name__}: {exc}"[:300]
-        row["configs"].append(entry)
-    good = [c for c in row["configs"] if "ms" in c and c["rel_err"] < 1e-2]
-    if good:
-        row["best"] = min(good, key=lambda c: c["ms"])
+            conv3x3(x, layers[loads], out=out)
+        except Exception as exc:  # TMA that this chip or Triton build refuses
+            row[f"autotuned_{loads}"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            continue
+        autotune_s = time.perf_counter() - started
+        cache = getattr(tuned, "cache", None) or {}
+        picked = next(iter(cache.values()), None)
+        base_ms[loads] = timed(loads, None)
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        row[f"autotuned_{loads}"] = {"config": str(picked), "ms": round(base_ms[loads], 4),
+                                     "autotune_s": round(autotune_s, 1), "rel_err": float(f"{err:.2e}"),
+                                     "tflop_s": round(flop / base_ms[loads] / 1e9, 1)}  # fmt: skip
+        cache.clear()  # the next one tunes afresh, and reports its own pick
+    reference_ms = base_ms.get("pointer") or next(iter(base_ms.values()), float("nan"))
+    for loads in ("pointer", "tma"):
+        for config in candidates:
+            if left_s() < 30:
+                row["stopped"] = "out of time"
+                break
+            entry: dict[str, Any] = {"loads": loads, "config": list(config)}
+            try:
+                out.fill_(float("nan"))
+                conv3x3(x, layers[loads], out=out, block=config)
+                err = ((out.float() - ref).norm() / ref.norm()).item()
+                ms = timed(loads, config)
+                entry.update(ms=round(ms, 4), tflop_s=round(flop / ms / 1e9, 1), rel_err=float(f"{err:.2e}"),
+                             x_autotuned=round(reference_ms / ms, 3))  # fmt: skip
+            except Exception as exc:  # a config the compiler or the chip refuses (shared memory, registers)
+                entry["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            row["configs"].append(entry)
+        good = [c for c in row["configs"] if c["loads"] == loads and "ms" in c and c["rel_err"] < 1e-2]
+        if good:
+            row[f"best_{loads}"] = min(good, key=lambda c: c["ms"])
     return row

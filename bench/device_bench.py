@@ -386,6 +386,9 @@ def part_sr(ctx: BenchContext) -> dict[str, Any]:
         run_variant(ctx, rows, "Triton fused conv fp16 whole frame", ours(half, x_half, SpeedOptions(kernels="triton")),
                     note="worker/models/triton_conv.py: implicit-GEMM 3x3 conv, bias+activation+residual fused, "
                     "dense-block features in one buffer (no torch.cat)", **common)  # fmt: skip
+        run_variant(ctx, rows, "Triton fused conv fp16 whole frame, TMA loads",
+                    ours(half, x_half, SpeedOptions(kernels="triton-tma")),
+                    note="the same kernel, input and weight tiles through tensor descriptors", **common)  # fmt: skip
         run_variant(ctx, rows, "Triton fused conv fp16 whole frame + CUDA graph",
                     ours(half, x_half, SpeedOptions(kernels="triton", cuda_graphs=True)),
                     note="one graph replays the ~350 launches", **common)  # fmt: skip
@@ -503,6 +506,7 @@ def part_anime(ctx: BenchContext) -> dict[str, Any]:
     if ctx.device.type == "cuda":  # compiled Triton kernels need a GPU (the CPU interpreter is for tests)
         for b in batches:
             variant(f"Triton fused conv fp16 batch {b}", half, b, SpeedOptions(kernels="triton"))
+            variant(f"Triton fused conv fp16 batch {b}, TMA loads", half, b, SpeedOptions(kernels="triton-tma"))
         variant(f"Triton fused conv fp16 batch {mid} + CUDA graph", half, mid,
                 SpeedOptions(kernels="triton", cuda_graphs=True))  # fmt: skip
     variant(f"compiled max-autotune fp16 channels_last batch {mid}", half, mid,
@@ -1035,6 +1039,8 @@ def part_pipeline(ctx: BenchContext) -> dict[str, Any]:
                          chunk=1, settings={"blend_threads": 3}),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, 4 blend threads", 2, swapper="mesh",
                          chunk=1, settings={"blend_threads": 4}),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, Triton SR with TMA loads", 2,
+                         swapper="mesh", chunk=1, settings={"sr_kernels": "triton-tma"}),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, cuDNN SR", 2, swapper="mesh", chunk=1,
                          settings={"sr_kernels": "cudnn"}),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, host landmark crops (before)", 2,

@@ -104,8 +104,9 @@ class Settings(BaseSettings):
     # the SR nets' convs on CUDA: "cudnn" = torch's (compiled per sr_compile); "triton" = our fused
     # Triton kernels (conv + bias + PReLU + residual + pixel shuffle in one pass: less than half the GPU
     # time of cuDNN + torch's PReLU, which the face stage's kernels then get; ~20 s of autotuning on
-    # a machine's first use, cached on disk; bench/RESULTS.md); "auto" = triton where it imports, else cudnn
-    sr_kernels: Literal["auto", "cudnn", "triton"] = "auto"
+    # a machine's first use, cached on disk; bench/RESULTS.md); "auto" = triton where it imports, else cudnn;
+    # "triton-tma" = the same kernels loading tiles through TMA descriptors (Hopper; not yet measured)
+    sr_kernels: Literal["auto", "cudnn", "triton", "triton-tma"] = "auto"
     # where the mesh swapper blends: "auto" = all faces of a batch at once on CUDA, cv2 on the CPU
     mesh_compositor: Literal["auto", "batched", "torch", "cv2"] = "auto"
     # detect (and smooth) the next batch's faces in a thread of its own while the current batch swaps,

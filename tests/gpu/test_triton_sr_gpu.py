@@ -33,20 +33,22 @@ def _frames(cuda: torch.device) -> torch.Tensor:
     return (low + 0.05 * torch.rand(2, 3, 71, 133, generator=gen)).clamp(0, 1).to(cuda)
 
 
-def test_triton_animevideov3_matches_eager_fp32(cuda, gpu_store):
+@pytest.mark.parametrize("kernels", ["triton", "triton-tma"])
+def test_triton_animevideov3_matches_eager_fp32(cuda, gpu_store, kernels):
     x = _frames(cuda)
     ref = load_sr_model("realesr-animevideov3", gpu_store, device=cuda, dtype=torch.float32)
     with torch.inference_mode():
         want = ref.net(x)
     model = load_sr_model("realesr-animevideov3", gpu_store, device=cuda, dtype=torch.float16)
-    fast = accelerate_sr(model, SpeedOptions(kernels="triton"))
+    fast = accelerate_sr(model, SpeedOptions(kernels=kernels))
     with torch.inference_mode():
         got = fast.run(x.half())
     assert got.shape == want.shape
     assert _psnr(got.float(), want) > 55.0
 
 
-def test_triton_rrdbnet_matches_eager_fp32(cuda):
+@pytest.mark.parametrize("kernels", ["triton", "triton-tma"])
+def test_triton_rrdbnet_matches_eager_fp32(cuda, kernels):
     torch.manual_seed(0)
     net = (
         RRDBNet(num_in_ch=3, num_out_ch=3, num_feat=64, num_block=2, num_grow_ch=32, scale=4).to(cuda).eval()
@@ -55,7 +57,7 @@ def test_triton_rrdbnet_matches_eager_fp32(cuda):
     with torch.inference_mode():
         want = net(x)
     half = SrModel(name="rrdb-test", net=net.half(), scale=4, device=cuda, dtype=torch.float16)
-    fast = accelerate_sr(half, SpeedOptions(kernels="triton"))
+    fast = accelerate_sr(half, SpeedOptions(kernels=kernels))
     with torch.inference_mode():
         got = fast.run(x.half())
     assert got.shape == want.shape

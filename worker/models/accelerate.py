@@ -36,8 +36,9 @@ class SpeedOptions:
     cuda_graphs: bool = False
     bucket_batches: bool = True  # pad batches to a few sizes so compiled/graphed shapes repeat
     dtype: torch.dtype | None = None  # None keeps the model's dtype
-    # "triton": the SR nets' 3x3 convs as fused Triton kernels (``fast_sr``) instead of cuDNN + torch
-    kernels: Literal["cudnn", "triton"] = "cudnn"
+    # "triton": the SR nets' 3x3 convs as fused Triton kernels (``fast_sr``) instead of cuDNN + torch;
+    # "triton-tma": the same kernels loading their tiles through tensor descriptors (Hopper's TMA)
+    kernels: Literal["cudnn", "triton", "triton-tma"] = "cudnn"
 
 
 def enable_fast_kernels() -> None:
@@ -50,16 +51,18 @@ def enable_fast_kernels() -> None:
     torch.backends.cudnn.benchmark = True
 
 
-def sr_kernels(choice: str) -> Literal["cudnn", "triton"]:
+def sr_kernels(choice: str) -> Literal["cudnn", "triton", "triton-tma"]:
     """Resolve the ``sr_kernels`` setting: "auto" is Triton wherever the package imports (it ships with
-    PyTorch's CUDA builds), else cuDNN; asking for "triton" without it is a clear error."""
+    PyTorch's CUDA builds), else cuDNN; asking for "triton" or "triton-tma" without it is a clear error."""
     if choice == "cudnn":
         return "cudnn"
+    if choice not in ("auto", "triton", "triton-tma"):
+        raise ValueError(f"sr_kernels must be auto, cudnn, triton or triton-tma, got {choice!r}")
     available = importlib.util.find_spec("triton") is not None
-    if choice == "triton" and not available:
-        raise RuntimeError("FACEFARM_SR_KERNELS=triton, but the triton package is not installed")
-    if choice not in ("auto", "triton"):
-        raise ValueError(f"sr_kernels must be auto, cudnn or triton, got {choice!r}")
+    if choice != "auto" and not available:
+        raise RuntimeError(f"FACEFARM_SR_KERNELS={choice}, but the triton package is not installed")
+    if choice == "triton-tma":
+        return "triton-tma"
     return "triton" if available else "cudnn"
 
 
@@ -257,12 +260,12 @@ def accelerate_module(net: nn.Module, options: SpeedOptions) -> nn.Module:
         net.to(dtype=options.dtype)
     if options.channels_last:
         net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    if options.kernels == "triton":
+    if options.kernels in ("triton", "triton-tma"):
         if options.compile:
-            raise ValueError("kernels='triton' replaces torch.compile for the SR nets; pick one")
+            raise ValueError(f"kernels={options.kernels!r} replaces torch.compile for the SR nets; pick one")
         from worker.models.fast_sr import create_triton_sr  # imports triton: only when asked for
 
-        wrapped: nn.Module = create_triton_sr(net)
+        wrapped: nn.Module = create_triton_sr(net, tma=options.kernels == "triton-tma")
     else:
         wrapped = compile_module(net, mode=options.compile_mode) if options.compile else net
     if options.channels_last:

@@ -30,12 +30,13 @@ RrdbLayers = tuple[PackedConv3x3, list[list[list[PackedConv3x3]]], PackedConv3x3
 Packed = TypeVar("Packed")
 
 
-def create_triton_sr(net: nn.Module) -> nn.Module:
-    """The Triton-backed twin of ``net`` (SRVGGNetCompact or RRDBNet); ValueError for other nets."""
+def create_triton_sr(net: nn.Module, *, tma: bool = False) -> nn.Module:
+    """The Triton-backed twin of ``net`` (SRVGGNetCompact or RRDBNet); ValueError for other nets.
+    ``tma``: every conv whose input allows it loads its tiles through tensor descriptors."""
     if isinstance(net, SRVGGNetCompact):
-        return TritonSRVGG(net)
+        return TritonSRVGG(net, tma=tma)
     if isinstance(net, RRDBNet):
-        return TritonRRDB(net)
+        return TritonRRDB(net, tma=tma)
     raise ValueError(f"no Triton forward for {type(net).__name__}")
 
 
@@ -60,17 +61,18 @@ def _check_conv(conv: nn.Module) -> nn.Conv2d:
     return conv
 
 
-def _pack(conv: nn.Module, dtype: torch.dtype, **act: object) -> PackedConv3x3:
+def _pack(conv: nn.Module, dtype: torch.dtype, tma: bool, **act: object) -> PackedConv3x3:
     conv = _check_conv(conv)
-    return pack_conv3x3(conv.weight, conv.bias, dtype=dtype, **act)  # type: ignore[arg-type]
+    return pack_conv3x3(conv.weight, conv.bias, dtype=dtype, tma=tma, **act)  # type: ignore[arg-type]
 
 
 class _PackedNet(nn.Module, ABC, Generic[Packed]):
     """Holds ``net`` and its packed layers, rebuilt when the weights move or change dtype."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, *, tma: bool = False) -> None:
         super().__init__()
         self.net = net
+        self.tma = tma
         self._packed: tuple[PackKey, Packed] | None = None
 
     def packed_layers(self, x: Tensor) -> Packed:
@@ -97,8 +99,8 @@ class TritonSRVGG(_PackedNet[list[PackedConv3x3]]):
 
     net: SRVGGNetCompact
 
-    def __init__(self, net: SRVGGNetCompact) -> None:
-        super().__init__(net)
+    def __init__(self, net: SRVGGNetCompact, *, tma: bool = False) -> None:
+        super().__init__(net, tma=tma)
 
     def pack(self, dtype: torch.dtype) -> list[PackedConv3x3]:
         layers: list[PackedConv3x3] = []
@@ -108,9 +110,9 @@ class TritonSRVGG(_PackedNet[list[PackedConv3x3]]):
                 continue
             nxt = mods[i + 1] if i + 1 < len(mods) else None
             if isinstance(nxt, nn.PReLU):
-                layers.append(_pack(mod, dtype, activation="prelu", prelu_weight=nxt.weight))
+                layers.append(_pack(mod, dtype, self.tma, activation="prelu", prelu_weight=nxt.weight))
             else:
-                layers.append(_pack(mod, dtype))
+                layers.append(_pack(mod, dtype, self.tma))
         return layers
 
     def forward(self, x: Tensor) -> Tensor:
@@ -143,8 +145,8 @@ class TritonRRDB(_PackedNet[RrdbLayers]):
 
     net: RRDBNet
 
-    def __init__(self, net: RRDBNet) -> None:
-        super().__init__(net)
+    def __init__(self, net: RRDBNet, *, tma: bool = False) -> None:
+        super().__init__(net, tma=tma)
 
     def pack(self, dtype: torch.dtype) -> RrdbLayers:
         net = self.net
@@ -154,9 +156,14 @@ class TritonRRDB(_PackedNet[RrdbLayers]):
             rdbs = []
             for rdb in (getattr(rrdb, f"rdb{i}") for i in (1, 2, 3)):
                 convs = [getattr(rdb, f"conv{i}") for i in (1, 2, 3, 4, 5)]
-                rdbs.append([*(_pack(c, dtype, **leaky) for c in convs[:4]), _pack(convs[4], dtype)])
+                rdbs.append(
+                    [
+                        *(_pack(c, dtype, self.tma, **leaky) for c in convs[:4]),
+                        _pack(convs[4], dtype, self.tma),
+                    ]
+                )
             blocks.append(rdbs)
-        return _pack(net.conv_first, dtype), blocks, _pack(net.conv_body, dtype)
+        return _pack(net.conv_first, dtype, self.tma), blocks, _pack(net.conv_body, dtype, self.tma)
 
     def forward(self, x: Tensor) -> Tensor:
         first, blocks, body_conv = self.packed_layers(x)

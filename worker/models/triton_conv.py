@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -90,6 +91,7 @@ class PackedConv3x3:
     c_out: int
     activation: str
     negative_slope: float
+    tma: bool = False  # load tiles through Hopper's tensor memory accelerator where the layout allows
 
     @property
     def n_pad(self) -> int:
@@ -105,10 +107,13 @@ def pack_conv3x3(
     negative_slope: float = 0.01,
     prelu_weight: Tensor | None = None,
     dtype: torch.dtype | None = None,
+    tma: bool = False,
 ) -> PackedConv3x3:
     """Pack an ``nn.Conv2d``'s (C_out, C_in, 3, 3) weight and bias (plus its activation) for ``conv3x3``.
 
-    ``dtype`` is the compute dtype of the inputs it will see (default: the weight's).
+    ``dtype`` is the compute dtype of the inputs it will see (default: the weight's). ``tma``: load the
+    input and weight tiles through tensor descriptors (TMA on Hopper; zero padding at the image edge
+    comes from the descriptor, so no per-pixel address or mask arithmetic), where ``tma_ok`` allows.
     """
     if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
         raise ValueError(f"expected a (C_out, C_in, 3, 3) weight, got {tuple(weight.shape)}")
@@ -131,7 +136,7 @@ def pack_conv3x3(
                 raise ValueError(f"prelu_weight has {prelu_weight.numel()} slopes for {c_out} channels")
             alpha = torch.zeros(n_pad, dtype=torch.float32, device=weight.device)
             alpha[:c_out] = prelu_weight.detach().float().reshape(-1).expand(c_out)
-    return PackedConv3x3(packed, bias_pad, alpha, c_in, c_out, activation, float(negative_slope))
+    return PackedConv3x3(packed, bias_pad, alpha, c_in, c_out, activation, float(negative_slope), tma)
 
 
 def conv3x3(
@@ -184,8 +189,19 @@ def conv3x3(
 
     res = residual if residual is not None else out
     res2 = residual2 if residual2 is not None else out
+    use_tma = layer.tma and tma_ok(x, layer)
+    x_desc: Any = x
+    w_desc: Any = layer.weight
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        nhwc = x.permute(0, 2, 3, 1)  # (N, H, W, C) view of channels_last memory, channel stride 1
+        # block shapes are placeholders until the config is known (``_set_tma_blocks``)
+        x_desc = TensorDescriptor(nhwc, list(nhwc.shape), list(nhwc.stride()), [1, 1, 16, 16])
+        w_desc = TensorDescriptor.from_tensor(layer.weight, [16, layer.n_pad])
     args: list[Any] = [
-        x, layer.weight, layer.bias, layer.alpha if layer.alpha is not None else layer.bias, res, res2, out,
+        x, x_desc, layer.weight, w_desc, layer.bias, layer.alpha if layer.alpha is not None else layer.bias,
+        res, res2, out,
         h, w,
         x.stride(0), x.stride(2), x.stride(3),
         *_strides(res), *_strides(res2), *_strides(out),
@@ -200,6 +216,7 @@ def conv3x3(
         HAS_RES2=residual2 is not None,
         SHUFFLE=r,
         DOT_FP32=interpreter_on(),
+        TMA=use_tma,
     )
     plain, tuned = _kernels(interpreter_on())
     if block is None and interpreter_on():
@@ -217,9 +234,33 @@ def conv3x3(
         num_warps, num_stages = block[3:] if len(block) == 5 else (4, 3)
         if block_k < 16 or block_h * block_w < 16:
             raise ValueError(f"tl.dot needs 16+ pixels and 16+ channels a block, got {block}")
+        if use_tma and layer.c_in % block_k:  # descriptor boxes take whole channel chunks
+            block_k = 16 * math.gcd(layer.c_in // 16, block_k // 16)
         meta.update(BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_K=block_k)
+        if use_tma:
+            _set_tma_blocks({"x_desc": x_desc, "w_desc": w_desc, **meta})
         plain[grid](*args, **meta, num_warps=num_warps, num_stages=num_stages)
     return out
+
+
+def tma_ok(x: Tensor, layer: PackedConv3x3) -> bool:
+    """Whether ``x`` can be read through a tensor descriptor: 16-channel chunks (``tl.dot``'s K), a
+    16-byte-aligned base and 16-byte pixel and row strides (TMA's rules). An RGB stem (3 channels) or an
+    odd channel slice takes the pointer loads instead."""
+    size = x.element_size()
+    return (
+        layer.c_in % 16 == 0
+        and x.data_ptr() % 16 == 0
+        and all((stride * size) % 16 == 0 for stride in (x.stride(0), x.stride(2), x.stride(3)))
+    )
+
+
+def _set_tma_blocks(nargs: dict[str, Any]) -> None:
+    """Give the descriptors the block shapes of the config about to run (an autotuner pre-hook)."""
+    if not nargs.get("TMA"):
+        return
+    nargs["x_desc"].block_shape = [1, nargs["BLOCK_H"], nargs["BLOCK_W"], nargs["BLOCK_K"]]
+    nargs["w_desc"].block_shape = [nargs["BLOCK_K"], nargs["w_desc"].shape[1]]
 
 
 def _strides(t: Tensor) -> tuple[int, int, int, int]:
@@ -228,7 +269,7 @@ def _strides(t: Tensor) -> tuple[int, int, int, int]:
 
 
 def _conv3x3_kernel(
-    x_ptr, w_ptr, b_ptr, a_ptr, r_ptr, r2_ptr, y_ptr,
+    x_ptr, x_desc, w_ptr, w_desc, b_ptr, a_ptr, r_ptr, r2_ptr, y_ptr,
     H, W,
     sxn, sxh, sxw,
     srn, src, srh, srw,
@@ -237,9 +278,13 @@ def _conv3x3_kernel(
     slope, scale, res_scale,
     C_IN: tl.constexpr, C_OUT: tl.constexpr, N_PAD: tl.constexpr,
     ACT: tl.constexpr, HAS_RES: tl.constexpr, HAS_RES2: tl.constexpr, SHUFFLE: tl.constexpr,
-    DOT_FP32: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr, TMA: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """Implicit GEMM: (BLOCK_H x BLOCK_W pixels, 9*C_IN) @ (9*C_IN, N_PAD), in one flat loop (pipelined)."""
+    """Implicit GEMM: (BLOCK_H x BLOCK_W pixels, 9*C_IN) @ (9*C_IN, N_PAD), in one flat loop (pipelined).
+
+    With TMA the tiles come through tensor descriptors: the input's (1, BLOCK_H, BLOCK_W, BLOCK_K) box at
+    the tap's shifted corner (zero-filled past the image edge) and the weights' (BLOCK_K, N_PAD) rows."""
     pid = tl.program_id(0)
     tiles_w = (W + BLOCK_W - 1) // BLOCK_W
     tiles_h = (H + BLOCK_H - 1) // BLOCK_H
@@ -263,15 +308,21 @@ def _conv3x3_kernel(
         dw = it % 3 - 1
         ci = ((it // 3) % ((C_IN + BLOCK_K - 1) // BLOCK_K)) * BLOCK_K + kk
         dh = it // (3 * ((C_IN + BLOCK_K - 1) // BLOCK_K)) - 1
-        hh = h + dh
-        ww = w + dw
-        ok = pix_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-        a_ptrs = x_ptr + (x_base + (dh * sxh + dw * sxw))[:, None] + ci[None, :]
-        b_ptrs = w_ptr + (((dh + 1) * 3 + dw + 1) * C_IN + ci)[:, None] * N_PAD + co[None, :]
-        if C_IN % BLOCK_K == 0:
+        if TMA:
+            c0 = ((it // 3) % (C_IN // BLOCK_K)) * BLOCK_K
+            box = x_desc.load([n, tile_h * BLOCK_H + dh, tile_w * BLOCK_W + dw, c0])
+            a = tl.reshape(box, [BLOCK_H * BLOCK_W, BLOCK_K])
+            b = w_desc.load([((dh + 1) * 3 + dw + 1) * C_IN + c0, 0])
+        elif C_IN % BLOCK_K == 0:
+            ok = pix_ok & (h + dh >= 0) & (h + dh < H) & (w + dw >= 0) & (w + dw < W)
+            a_ptrs = x_ptr + (x_base + (dh * sxh + dw * sxw))[:, None] + ci[None, :]
+            b_ptrs = w_ptr + (((dh + 1) * 3 + dw + 1) * C_IN + ci)[:, None] * N_PAD + co[None, :]
             a = tl.load(a_ptrs, mask=ok[:, None], other=0.0, cache_modifier=".ca")
             b = tl.load(b_ptrs)
         else:
+            ok = pix_ok & (h + dh >= 0) & (h + dh < H) & (w + dw >= 0) & (w + dw < W)
+            a_ptrs = x_ptr + (x_base + (dh * sxh + dw * sxw))[:, None] + ci[None, :]
+            b_ptrs = w_ptr + (((dh + 1) * 3 + dw + 1) * C_IN + ci)[:, None] * N_PAD + co[None, :]
             ci_ok = ci < C_IN
             a = tl.load(a_ptrs, mask=ok[:, None] & ci_ok[None, :], other=0.0, cache_modifier=".ca")
             b = tl.load(b_ptrs, mask=ci_ok[:, None], other=0.0)
@@ -320,7 +371,12 @@ def _prune_configs(configs: list[Any], named_args: dict[str, Any], **kwargs: Any
         block_k = 32 if c_in % 32 == 0 else 16
         shapes = {(c.kwargs["BLOCK_H"], c.kwargs["BLOCK_W"], c.num_warps, c.num_stages) for c in configs}
         kept = [
-            triton.Config({"BLOCK_H": bh, "BLOCK_W": bw, "BLOCK_K": block_k}, num_warps=nw, num_stages=ns)
+            triton.Config(
+                {"BLOCK_H": bh, "BLOCK_W": bw, "BLOCK_K": block_k},
+                num_warps=nw,
+                num_stages=ns,
+                pre_hook=_set_tma_blocks,
+            )
             for bh, bw, nw, ns in sorted(shapes)
         ]
     narrowest = min(c.kwargs["BLOCK_W"] for c in kept)
@@ -334,15 +390,22 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
     TRITON_INTERPRET when it decorates, so this is keyed on it)."""
     plain = triton.jit(_conv3x3_kernel)
     configs = [
-        triton.Config({"BLOCK_H": bh, "BLOCK_W": bw, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
+        triton.Config(
+            {"BLOCK_H": bh, "BLOCK_W": bw, "BLOCK_K": bk},
+            num_warps=nw,
+            num_stages=ns,
+            pre_hook=_set_tma_blocks,
+        )
         for bh, bw, bk, nw, ns in TUNE_CONFIGS
     ]
     # cache_results: the timings go to Triton's cache folder with the compiled kernels, so only the first
     # process on a machine tunes (~20 s at its first chunk); later workers start at once
-    cached = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    cached = (
+        {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    )
     tuned = triton.autotune(
         configs=configs,
-        key=["C_IN", "C_OUT", "W"],
+        key=["C_IN", "C_OUT", "W", "TMA"],
         prune_configs_by={"early_config_prune": _prune_configs},
         **cached,
     )(plain)

@@ -137,11 +137,13 @@ def test_sr_kernels_setting_resolves_to_what_is_installed(monkeypatch) -> None:
     assert accelerate.sr_kernels("cudnn") == "cudnn"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert accelerate.sr_kernels("auto") == "cudnn"
-    with pytest.raises(RuntimeError, match="triton package is not installed"):
-        accelerate.sr_kernels("triton")
+    for choice in ("triton", "triton-tma"):
+        with pytest.raises(RuntimeError, match="triton package is not installed"):
+            accelerate.sr_kernels(choice)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
     assert accelerate.sr_kernels("auto") == "triton" and accelerate.sr_kernels("triton") == "triton"
-    with pytest.raises(ValueError, match="auto, cudnn or triton"):
+    assert accelerate.sr_kernels("triton-tma") == "triton-tma"
+    with pytest.raises(ValueError, match="auto, cudnn, triton or triton-tma"):
         accelerate.sr_kernels("fast")
 
 

@@ -14,7 +14,7 @@ pytest.importorskip(
 
 from worker.models.fast_sr import TritonRRDB, TritonSRVGG, create_triton_sr  # noqa: E402
 from worker.models.sr_nets import RRDBNet, SRVGGNetCompact  # noqa: E402
-from worker.models.triton_conv import conv3x3, pack_conv3x3, require_triton  # noqa: E402
+from worker.models.triton_conv import conv3x3, pack_conv3x3, require_triton, tma_ok  # noqa: E402
 
 CL = torch.channels_last
 # Both sides see the same rounded inputs and accumulate in fp32: what differs is the output rounding.
@@ -67,14 +67,17 @@ def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype) -> None:
         (160, 32, "leaky_relu", torch.bfloat16, (2, 32, 32)),
     ],
 )
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer-loads", "tma-loads"])
 def test_conv_matches_f_conv2d_with_its_activation(
-    c_in: int, c_out: int, activation: str, dtype: torch.dtype, block: tuple[int, int, int] | None
+    c_in: int, c_out: int, activation: str, dtype: torch.dtype, block: tuple[int, int, int] | None, tma: bool
 ) -> None:
+    """Both load paths; with ``tma`` the 96- and 48-channel rows take 32/16-channel boxes and the RGB
+    stem falls back to pointer loads (``tma_ok``)."""
     n, h, w = 2, 7, 13  # odd sizes: partial tiles and every border
     weight, bias = make_conv(c_in, c_out, seed=c_in + c_out)
     alpha = torch.rand(c_out) * 0.5 if activation == "prelu" else None
     layer = pack_conv3x3(
-        weight, bias, activation=activation, negative_slope=0.2, prelu_weight=alpha, dtype=dtype
+        weight, bias, activation=activation, negative_slope=0.2, prelu_weight=alpha, dtype=dtype, tma=tma
     )
     x = rand((n, c_in, h, w), dtype, seed=1).contiguous(memory_format=CL)
     out = conv3x3(x, layer, block=block)
@@ -82,13 +85,15 @@ def test_conv_matches_f_conv2d_with_its_activation(
     assert_close(out, reference(x, weight, bias, activation, alpha), dtype)
 
 
-def test_conv_reads_and_writes_channel_slices_of_one_buffer() -> None:
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer-loads", "tma-loads"])
+def test_conv_reads_and_writes_channel_slices_of_one_buffer(tma: bool) -> None:
     """A dense block's step: read channels 0:96 of a 192-channel buffer, write 96:128, touch nothing else."""
     dtype = torch.float16
     buf = rand((2, 192, 9, 7), dtype, seed=2).contiguous(memory_format=CL)
     before = buf.clone()
     weight, bias = make_conv(96, 32, seed=3)
-    layer = pack_conv3x3(weight, bias, activation="leaky_relu", negative_slope=0.2, dtype=dtype)
+    layer = pack_conv3x3(weight, bias, activation="leaky_relu", negative_slope=0.2, dtype=dtype, tma=tma)
+    assert tma_ok(buf[:, :96], layer)
     conv3x3(buf[:, :96], layer, out=buf[:, 96:128], block=(2, 16, 32))
     assert_close(buf[:, 96:128], reference(before[:, :96], weight, bias, "leaky_relu"), dtype)
     assert torch.equal(buf[:, :96], before[:, :96]) and torch.equal(buf[:, 128:], before[:, 128:])
@@ -172,13 +177,16 @@ def same_layout(a: Tensor, b: Tensor) -> bool:
 
 @pytest.mark.parametrize("residual_mode", ["nearest", "bilinear"])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, CL])
-def test_fast_srvgg_equals_the_eager_net(residual_mode: str, memory_format: torch.memory_format) -> None:
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer-loads", "tma-loads"])
+def test_fast_srvgg_equals_the_eager_net(
+    residual_mode: str, memory_format: torch.memory_format, tma: bool
+) -> None:
     torch.manual_seed(0)
     net = SRVGGNetCompact(num_conv=3, residual_mode=residual_mode).eval()  # type: ignore[arg-type]
     for prelu in net.body:
         if isinstance(prelu, nn.PReLU):  # distinct slopes per channel, some negative values
             nn.init.uniform_(prelu.weight, -0.3, 0.5)
-    fast = create_triton_sr(net)
+    fast = create_triton_sr(net, tma=tma)
     assert isinstance(fast, TritonSRVGG)
     x = torch.rand(2, 3, 7, 10).contiguous(memory_format=memory_format)
     with torch.inference_mode():
@@ -201,15 +209,18 @@ def test_fast_srvgg_in_half_precision_stays_near_the_fp32_net(dtype: torch.dtype
 
 
 @pytest.mark.parametrize(
-    ("scale", "num_block", "batch", "memory_format"), [(4, 2, 1, torch.contiguous_format), (2, 1, 2, CL)]
+    ("scale", "num_block", "batch", "memory_format", "tma"),
+    [(4, 2, 1, torch.contiguous_format, False), (2, 1, 2, CL, False), (4, 1, 1, CL, True)],
 )
 def test_fast_rrdb_equals_the_eager_net(
-    scale: int, num_block: int, batch: int, memory_format: torch.memory_format
+    scale: int, num_block: int, batch: int, memory_format: torch.memory_format, tma: bool
 ) -> None:
+    """With ``tma`` every conv but the RGB stem reads through descriptors, the dense blocks' channel
+    slices of the shared buffers included."""
     torch.manual_seed(0)
     net = RRDBNet(scale=scale, num_block=num_block).eval()
     net.upsample_band_rows = 4  # the tail (the net's own) in row bands, as in production
-    fast = create_triton_sr(net)
+    fast = create_triton_sr(net, tma=tma)
     assert isinstance(fast, TritonRRDB)
     x = torch.rand(batch, 3, 8, 12).contiguous(memory_format=memory_format)
     with torch.inference_mode():
