@@ -752,7 +752,21 @@ def _copying_blend() -> tuple[Any, str, Any]:
     return FaceEngine, "plan_swap", copying
 
 
-REVERTS = {"host_landmark_crops": _host_landmark_crops, "copying_blend": _copying_blend}
+def _whole_last_batch() -> tuple[Any, str, Any]:
+    """The chunk's last batch blended, upscaled and encoded whole (not in two overlapping halves)."""
+    from worker.models.engine import SwapWork
+
+    def whole(self: Any, parts: int) -> Any:
+        return [self]
+
+    return SwapWork, "split", whole
+
+
+REVERTS = {
+    "host_landmark_crops": _host_landmark_crops,
+    "copying_blend": _copying_blend,
+    "whole_last_batch": _whole_last_batch,
+}
 
 
 @contextlib.contextmanager
@@ -1047,8 +1061,11 @@ def part_pipeline(ctx: BenchContext) -> dict[str, Any]:
                          swapper="mesh", chunk=1, reverts=("host_landmark_crops",)),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, copying blend (before)", 2,
                          swapper="mesh", chunk=1, reverts=("copying_blend",)),
-            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, session 5 face path (both before)", 2,
-                         swapper="mesh", chunk=1, reverts=("host_landmark_crops", "copying_blend")),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, last batch whole (before)", 2,
+                         swapper="mesh", chunk=1, reverts=("whole_last_batch",)),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, session 5 face path (all before)", 2,
+                         swapper="mesh", chunk=1,
+                         reverts=("host_landmark_crops", "copying_blend", "whole_last_batch")),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, py-spy", 2, swapper="mesh", chunk=1,
                          py_spy=True),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, torch.profiler", 2, swapper="mesh",

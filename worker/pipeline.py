@@ -120,7 +120,16 @@ def render_chunk(
                     keep = [i for i, out in enumerate(batch.output_mask) if out]
                     if not keep:  # warm-up frames: tracked above, never blended
                         continue
-                    finish_stage.put((blend(engine.finish_swap, work), keep, [batch.pts[i] for i in keep]))
+                    # the chunk's last batch goes down in halves: its blend, SR and encode then overlap
+                    last = batch.indices[-1] >= spec.end_frame - 1
+                    start = 0
+                    for part in work.split(2) if last and session.blend_threads >= 2 else [work]:
+                        kept = [i - start for i in keep if start <= i < start + len(part.frames)]
+                        if kept:
+                            finish_stage.put(
+                                (blend(engine.finish_swap, part), kept, [batch.pts[start + i] for i in kept])
+                            )
+                        start += len(part.frames)
                     frames_done += len(keep)
                     on_progress(frames_done)
         finally:

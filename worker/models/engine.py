@@ -93,8 +93,33 @@ class SwapWork:
     wanted: list[int]  # the frames the swapper sees (output frames, and warm-up ones for a tracker)
     batch: np.ndarray | None = None  # frames[wanted]
     selected: list[list[Face]] = field(default_factory=list)  # per wanted frame, the faces to swap
-    tracked: Any = None  # a StagedSwapper's track_batch result
+    tracked: Any = None  # a StagedSwapper's track_batch result (one entry per frame)
     in_place: bool = False  # blend into ``frames`` itself (the caller gave the batch up)
+
+    def split(self, parts: int) -> list[SwapWork]:
+        """This batch as up to ``parts`` runs of consecutive frames, each finished on its own: the
+        render worker splits a chunk's last batch so that its blend, SR and encode overlap instead of
+        running one after another once the face thread is done. A work whose swapper did not see every
+        frame (warm-up frames left out) comes back whole."""
+        n = len(self.frames)
+        if parts <= 1 or n < 2 or self.batch is not self.frames:
+            return [self]
+        bounds = np.linspace(0, n, min(parts, n) + 1).round().astype(int).tolist()
+        works = []
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            view = self.frames[a:b]  # a view: in place, the swap still writes into the caller's batch
+            works.append(
+                SwapWork(
+                    frames=view,
+                    output_mask=self.output_mask[a:b],
+                    wanted=list(range(b - a)),
+                    batch=view,
+                    selected=self.selected[a:b],
+                    tracked=None if self.tracked is None else self.tracked[a:b],
+                    in_place=self.in_place,
+                )
+            )
+        return works
 
 
 class FaceEngine:

@@ -329,6 +329,37 @@ def test_blending_in_a_thread_pool_changes_no_pixel(clip: Clip, pipeline_store: 
     assert not [t.name for t in threading.enumerate() if t.name.startswith("blend-")]
 
 
+def test_the_last_batch_goes_down_in_halves_with_a_pool_and_changes_no_pixel(
+    clip: Clip, pipeline_store: Path, tmp_path, monkeypatch
+) -> None:
+    """With 2 blend threads the chunk's last batch is finished as two halves (its blend, SR and encode
+    overlap); the video is the one an unsplit render gives."""
+    sizes: list[int] = []
+    real = FaceEngine.finish_swap
+
+    def counting(self: FaceEngine, work) -> np.ndarray:
+        sizes.append(len(work.frames))
+        return real(self, work)
+
+    monkeypatch.setattr(FaceEngine, "finish_swap", counting)
+    options = JobOptions(swapper="mesh", crf=0, preset="ultrafast")
+    outputs = {}
+    for threads in (0, 2):
+        sizes.clear()
+        settings = Settings(
+            device="cpu",
+            model_store=str(pipeline_store),
+            batch_frames=8,
+            encoder_threads=1,
+            mesh_compositor="batched",
+            blend_threads=threads,
+        )
+        render_whole_clip(clip, settings, options, tmp_path / str(threads))
+        outputs[threads] = decode_all([tmp_path / str(threads) / "c.mp4"])
+        assert sizes == ([8, 8, 4] if threads == 0 else [8, 8, 2, 2]), sizes
+    assert len(outputs[0]) == 20 and np.array_equal(outputs[0], outputs[2])
+
+
 def test_a_blend_error_in_the_pool_fails_the_chunk_and_stops_its_threads(
     clip: Clip, cpu_settings: Settings, lossless_options, tmp_path, monkeypatch
 ) -> None:

@@ -111,3 +111,29 @@ def test_an_in_place_swap_hands_back_the_batch_itself_holding_the_copys_frames(
         else:
             assert got is not batch and np.array_equal(batch, engine_frames)
     assert in_place.stats["faces"] == copying.stats["faces"] > 0
+
+
+def test_a_planned_batch_splits_into_views_that_finish_to_the_whole_batchs_frames(
+    face_store: Path, camera_rgb: np.ndarray, engine_frames: np.ndarray
+) -> None:
+    """``SwapWork.split``: consecutive runs of frames, each finished alone, give the frames of the whole
+    batch finished at once, written into the caller's batch when in place."""
+
+    def engine() -> FaceEngine:
+        return FaceEngine(swapper_name="mesh", source_image=camera_rgb, store=face_store, device="cpu")
+
+    whole, halves = engine(), engine()
+    batch = engine_frames.copy()
+    want = whole.finish_swap(whole.plan_swap(batch, whole.find_faces(batch), [True] * 3))
+    work = halves.plan_swap(batch, halves.find_faces(batch), [True] * 3, in_place=True)
+    parts = work.split(2)
+    assert [len(p.frames) for p in parts] == [2, 1] and all(p.in_place for p in parts)
+    assert all(np.shares_memory(p.frames, batch) and p.batch is p.frames for p in parts)
+    assert [len(p.selected) for p in parts] == [2, 1] and [len(p.tracked) for p in parts] == [2, 1]
+    outs = [halves.finish_swap(p) for p in parts]
+    assert np.array_equal(np.concatenate(outs), want) and np.array_equal(batch, want)
+    assert halves.stats["faces"] == whole.stats["faces"]
+    assert work.split(1) == [work]
+    classic = FaceEngine(swapper_name="classic", source_image=camera_rgb, store=face_store, device="cpu")
+    warm = classic.plan_swap(engine_frames, classic.find_faces(engine_frames), [False, True, True])
+    assert warm.split(2) == [warm]  # its swapper skips the warm-up frame: not split
