@@ -10,6 +10,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,8 +219,13 @@ class FaceEngine:
     def upload_ahead(self, frames: np.ndarray) -> None:
         """Start this batch's one upload to the device now, from the calling thread (the render worker's
         decoder, ahead of ``find_faces``), so the face thread does not spend its time staging 50 MB
-        1080p batches through pinned memory. A no-op off CUDA."""
-        if self._on_device is not None:
+        1080p batches through pinned memory. A no-op off CUDA.
+
+        Best effort: out of device memory, the batch simply goes up later, when detection asks for it
+        (where an out-of-memory error is the face stage's, handled as such)."""
+        if self._on_device is None:
+            return
+        with suppress(torch.cuda.OutOfMemoryError):
             self._on_device.get(frames)
 
     def find_faces(self, frames: np.ndarray) -> list[list[Face]]:

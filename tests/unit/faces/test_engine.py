@@ -137,3 +137,19 @@ def test_a_planned_batch_splits_into_views_that_finish_to_the_whole_batchs_frame
     classic = FaceEngine(swapper_name="classic", source_image=camera_rgb, store=face_store, device="cpu")
     warm = classic.plan_swap(engine_frames, classic.find_faces(engine_frames), [False, True, True])
     assert warm.split(2) == [warm]  # its swapper skips the warm-up frame: not split
+
+
+def test_an_upload_ahead_that_runs_out_of_device_memory_is_skipped(classic_engine: FaceEngine) -> None:
+    """Uploading ahead only saves time: out of memory there, the batch goes up when detection needs it."""
+    import torch
+
+    class Full:
+        def get(self, frames: np.ndarray) -> None:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+
+    real = classic_engine._on_device
+    classic_engine._on_device = Full()  # type: ignore[assignment]
+    try:
+        classic_engine.upload_ahead(np.zeros((2, 8, 8, 3), np.uint8))  # no error
+    finally:
+        classic_engine._on_device = real
