@@ -196,7 +196,7 @@ def conv3x3(
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         nhwc = x.permute(0, 2, 3, 1)  # (N, H, W, C) view of channels_last memory, channel stride 1
-        # block shapes are placeholders until the config is known (``_set_tma_blocks``)
+        # ``_set_tma_blocks`` gives both descriptors the block shapes of the config that runs
         x_desc = TensorDescriptor(nhwc, list(nhwc.shape), list(nhwc.stride()), [1, 1, 16, 16])
         w_desc = TensorDescriptor.from_tensor(layer.weight, [16, layer.n_pad])
     args: list[Any] = [
@@ -306,26 +306,25 @@ def _conv3x3_kernel(
     # lines shifted by one pixel back to back, so they hit in L1 (".ca") instead of L2.
     for it in range(0, 9 * ((C_IN + BLOCK_K - 1) // BLOCK_K)):
         dw = it % 3 - 1
-        ci = ((it // 3) % ((C_IN + BLOCK_K - 1) // BLOCK_K)) * BLOCK_K + kk
+        chunk = (it // 3) % ((C_IN + BLOCK_K - 1) // BLOCK_K)
         dh = it // (3 * ((C_IN + BLOCK_K - 1) // BLOCK_K)) - 1
-        if TMA:
-            c0 = ((it // 3) % (C_IN // BLOCK_K)) * BLOCK_K
-            box = x_desc.load([n, tile_h * BLOCK_H + dh, tile_w * BLOCK_W + dw, c0])
+        tap = (dh + 1) * 3 + dw + 1
+        if TMA:  # C_IN % BLOCK_K == 0 here (``conv3x3`` and the pruner see to it)
+            box = x_desc.load([n, tile_h * BLOCK_H + dh, tile_w * BLOCK_W + dw, chunk * BLOCK_K])
             a = tl.reshape(box, [BLOCK_H * BLOCK_W, BLOCK_K])
-            b = w_desc.load([((dh + 1) * 3 + dw + 1) * C_IN + c0, 0])
-        elif C_IN % BLOCK_K == 0:
-            ok = pix_ok & (h + dh >= 0) & (h + dh < H) & (w + dw >= 0) & (w + dw < W)
-            a_ptrs = x_ptr + (x_base + (dh * sxh + dw * sxw))[:, None] + ci[None, :]
-            b_ptrs = w_ptr + (((dh + 1) * 3 + dw + 1) * C_IN + ci)[:, None] * N_PAD + co[None, :]
-            a = tl.load(a_ptrs, mask=ok[:, None], other=0.0, cache_modifier=".ca")
-            b = tl.load(b_ptrs)
+            b = w_desc.load([tap * C_IN + chunk * BLOCK_K, 0])
         else:
+            ci = chunk * BLOCK_K + kk
             ok = pix_ok & (h + dh >= 0) & (h + dh < H) & (w + dw >= 0) & (w + dw < W)
             a_ptrs = x_ptr + (x_base + (dh * sxh + dw * sxw))[:, None] + ci[None, :]
-            b_ptrs = w_ptr + (((dh + 1) * 3 + dw + 1) * C_IN + ci)[:, None] * N_PAD + co[None, :]
-            ci_ok = ci < C_IN
-            a = tl.load(a_ptrs, mask=ok[:, None] & ci_ok[None, :], other=0.0, cache_modifier=".ca")
-            b = tl.load(b_ptrs, mask=ci_ok[:, None], other=0.0)
+            b_ptrs = w_ptr + (tap * C_IN + ci)[:, None] * N_PAD + co[None, :]
+            if C_IN % BLOCK_K == 0:
+                a = tl.load(a_ptrs, mask=ok[:, None], other=0.0, cache_modifier=".ca")
+                b = tl.load(b_ptrs)
+            else:
+                ci_ok = ci < C_IN
+                a = tl.load(a_ptrs, mask=ok[:, None] & ci_ok[None, :], other=0.0, cache_modifier=".ca")
+                b = tl.load(b_ptrs, mask=ci_ok[:, None], other=0.0)
         if DOT_FP32:  # the interpreter's numpy has no bf16 matmul
             a = a.to(tl.float32)
             b = b.to(tl.float32)
