@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import functools
 import gc
 import hashlib
 import io
@@ -762,10 +763,24 @@ def _whole_last_batch() -> tuple[Any, str, Any]:
     return SwapWork, "split", whole
 
 
+def _pooled_pyramid() -> tuple[Any, str, Any]:
+    """MTCNN's pyramid by adaptive pooling of a float NCHW copy of the batch (not the integral image)."""
+    import torch.nn.functional as F
+
+    from worker.models.detect_mtcnn import MtcnnDetector
+
+    def pooled(self: Any, raw: Tensor, integral: Tensor) -> Any:
+        imgs = raw.permute(0, 3, 1, 2).float()
+        return functools.partial(F.interpolate, imgs.contiguous() if raw.is_cuda else imgs, mode="area")
+
+    return MtcnnDetector, "_pyramid_levels", pooled
+
+
 REVERTS = {
     "host_landmark_crops": _host_landmark_crops,
     "copying_blend": _copying_blend,
     "whole_last_batch": _whole_last_batch,
+    "pooled_pyramid": _pooled_pyramid,
 }
 
 
@@ -1063,9 +1078,11 @@ def part_pipeline(ctx: BenchContext) -> dict[str, Any]:
                          swapper="mesh", chunk=1, reverts=("copying_blend",)),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, last batch whole (before)", 2,
                          swapper="mesh", chunk=1, reverts=("whole_last_batch",)),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, pooled pyramid (before)", 2,
+                         swapper="mesh", chunk=1, reverts=("pooled_pyramid",)),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, session 5 face path (all before)", 2,
                          swapper="mesh", chunk=1,
-                         reverts=("host_landmark_crops", "copying_blend", "whole_last_batch")),
+                         reverts=("host_landmark_crops", "copying_blend", "whole_last_batch", "pooled_pyramid")),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, py-spy", 2, swapper="mesh", chunk=1,
                          py_spy=True),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, torch.profiler", 2, swapper="mesh",
@@ -1123,32 +1140,47 @@ def part_conv_sweep(ctx: BenchContext) -> dict[str, Any]:
 
 
 def part_area_resize(ctx: BenchContext) -> dict[str, Any]:
-    """MTCNN's pyramid resize (``F.interpolate(mode="area")``) of a 1080p batch of 8, NHWC vs NCHW memory."""
+    """MTCNN's pyramid resize of a 1080p batch of 8: ``F.interpolate(mode="area")`` on NHWC and NCHW memory,
+    and ``area_resize_full`` from the integral image (what CUDA runs since the sixth session); the float
+    copy and the integral image each such path needs are timed once, as ``setup``."""
     import torch.nn.functional as F
 
-    from worker.models.detect_mtcnn import pyramid_scales
+    from worker.models.detect_mtcnn import area_resize_full, pyramid_scales
 
     h, w = (24, 32) if ctx.smoke else (1080, 1920)
     frames = torch.from_numpy(test_frames(ctx, 8, w, h)).to(ctx.device)
-    nhwc = frames.permute(0, 3, 1, 2).float()  # what detect() makes: channels_last strides
+    nhwc = frames.permute(0, 3, 1, 2).float()  # the float copy the pooling needs: channels_last strides
     nchw = nhwc.contiguous()
+
+    def integral_of(raw: Tensor) -> Tensor:
+        return F.pad(raw.permute(0, 3, 1, 2).long().cumsum(2).cumsum(3), (1, 0, 1, 0))
+
+    integral = integral_of(frames)
+    setup = {
+        "float_nchw_ms": time_calls(lambda: frames.permute(0, 3, 1, 2).float().contiguous(), ctx.device,
+                                    warmup=2, iters=10)["median_s"] * 1e3,
+        "integral_ms": time_calls(lambda: integral_of(frames), ctx.device, warmup=2, iters=10)["median_s"] * 1e3,
+    }  # fmt: skip
     rows = []
     for scale in pyramid_scales(h, w, 20.0):
         size = (int(h * scale + 1), int(w * scale + 1))
         row: dict[str, Any] = {"scale": round(scale, 4), "size": list(size)}
-        for name, x in (("nhwc", nhwc), ("nchw", nchw)):
-            timed = time_calls(lambda x=x, size=size: F.interpolate(x, size=size, mode="area"), ctx.device,
-                               warmup=2, iters=10)  # fmt: skip
-            row[f"{name}_ms"] = round(timed["median_s"] * 1e3, 3)
-        row["identical"] = bool(
-            torch.equal(F.interpolate(nhwc, size=size, mode="area"), F.interpolate(nchw, size=size, mode="area"))
-        )
+        calls = {
+            "nhwc": lambda size=size: F.interpolate(nhwc, size=size, mode="area"),
+            "nchw": lambda size=size: F.interpolate(nchw, size=size, mode="area"),
+            "integral": lambda size=size: area_resize_full(integral, size),
+        }
+        for name, call in calls.items():
+            row[f"{name}_ms"] = round(time_calls(call, ctx.device, warmup=2, iters=10)["median_s"] * 1e3, 3)
+        reference = calls["nhwc"]()
+        row["identical"] = {name: bool(torch.equal(call(), reference)) for name, call in calls.items()}
         rows.append(row)
     return {
-        "input": f"8x3x{h}x{w} float32",
+        "input": f"8x3x{h}x{w}",
+        "setup_ms": {k: round(v, 3) for k, v in setup.items()},
         "levels": rows,
-        "total_ms": {k: round(sum(r[f"{k}_ms"] for r in rows), 3) for k in ("nhwc", "nchw")},
-        "all_identical": all(r["identical"] for r in rows),
+        "total_ms": {k: round(sum(r[f"{k}_ms"] for r in rows), 3) for k in ("nhwc", "nchw", "integral")},
+        "all_identical": {k: all(r["identical"][k] for r in rows) for k in ("nchw", "integral")},
     }
 
 

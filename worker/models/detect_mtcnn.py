@@ -14,6 +14,8 @@ arithmetic on a GPU).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -345,9 +347,9 @@ def area_resize_boxes(
     """``F.interpolate(crop, (size, size), mode="area")`` of many crops at once, from an integral image.
 
     Area mode is adaptive average pooling: output bin i averages input rows
-    [floor(i*h/size), ceil((i+1)*h/size)). ``integral`` is the (N,3,H+1,W+1) int64 summed-area
-    table, so every bin is four look-ups, exact in integers, with no per-crop kernel launches.
-    The crop corners are int64 tensors on ``integral``'s device.
+    [floor(i*h/size), ceil((i+1)*h/size)). ``integral`` is the (N,3,H+1,W+1) summed-area table
+    (``integral_image``), so every bin is four look-ups, exact in integers, with no per-crop kernel
+    launches. The crop corners are int64 tensors on ``integral``'s device.
     """
     i = torch.arange(size, device=integral.device)
 
@@ -370,6 +372,36 @@ def area_resize_boxes(
     )  # (K, size, size, 3)
     count = ((re - rs)[:, :, None] * (ce - cs)[:, None, :])[..., None]
     return (total.float() / count.float()).permute(0, 3, 1, 2)
+
+
+def integral_image(raw: torch.Tensor) -> torch.Tensor:
+    """The (N,3,H+1,W+1) summed-area table of (N,H,W,3) uint8 frames, zero first row and column: int32
+    wherever a frame's sum fits (1080p and 4K do), which halves the look-ups' bytes; else int64."""
+    n, h, w, _ = raw.shape
+    dtype = torch.int32 if 255 * h * w < 2**31 else torch.int64
+    return F.pad(raw.permute(0, 3, 1, 2).cumsum(2, dtype=dtype).cumsum(3, dtype=dtype), (1, 0, 1, 0))
+
+
+def area_resize_full(integral: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``F.interpolate(images, size, mode="area")`` of whole images from their (N,3,H+1,W+1) integral
+    image (``integral_image``): every bin's sum from four look-ups, exact in integers, then divided by
+    the bin's height and then its width, as PyTorch's adaptive average pooling divides. Bins of uint8
+    images sum exactly in float32 below 2^24, so the result equals the pooling's bit for bit (tests)."""
+    h, w = integral.shape[2] - 1, integral.shape[3] - 1
+    device = integral.device
+
+    def bins(length: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        i = torch.arange(count, device=device)
+        return (
+            torch.div(i * length, count, rounding_mode="floor"),
+            torch.div((i + 1) * length + count - 1, count, rounding_mode="floor"),
+        )
+
+    rs, re = bins(h, size[0])
+    cs, ce = bins(w, size[1])
+    rows_end, rows_start = integral[:, :, re], integral[:, :, rs]  # (N,3,oh,W+1)
+    total = rows_end[..., ce] - rows_start[..., ce] - rows_end[..., cs] + rows_start[..., cs]
+    return total.float() / (re - rs).float()[:, None] / (ce - cs).float()
 
 
 def crop_bounds(
@@ -570,19 +602,11 @@ class MtcnnDetector:
         if n == 0:
             return []
         raw = _to_device(frames, self.device) if on_device is None else on_device
-        imgs = raw.permute(0, 3, 1, 2).float()
-        if imgs.is_cuda:
-            # CUDA's area resize (adaptive average pooling) of 3-channel NHWC memory crawls at the small
-            # pyramid levels (14.8 ms against 0.45 ms for NCHW at the smallest): a 1080p batch of 8 takes
-            # 30 ms over its 12 levels, 5 ms on NCHW (bench part area_resize, H200). The two kernels round
-            # differently; tests/gpu/test_mtcnn_gpu.py holds the GPU's faces to the CPU's, whose layout
-            # (and picture, pinned by tests) stays as it was.
-            imgs = imgs.contiguous()
-        found = self._stage1(imgs, h, w)
+        integral = integral_image(raw)
+        found = self._stage1(self._pyramid_levels(raw, integral), n, h, w)
         out: list[list[Face]] = [[] for _ in range(n)]
         if found is None:
             return out
-        integral = F.pad(raw.permute(0, 3, 1, 2).long().cumsum(2).cumsum(3), (1, 0, 1, 0))
         found = self._stage2(integral, found, h, w)
         if found is None:
             return out
@@ -600,9 +624,26 @@ class MtcnnDetector:
             faces.sort(key=lambda f: -f.area_px)
         return out
 
-    def _stage1(self, imgs: torch.Tensor, h: int, w: int) -> Candidates | None:
-        """P-Net over the whole pyramid, then per-(image, scale) NMS 0.5 and per-image NMS 0.7: two syncs."""
-        n = imgs.shape[0]
+    def _pyramid_levels(
+        self, raw: torch.Tensor, integral: torch.Tensor
+    ) -> Callable[[tuple[int, int]], torch.Tensor]:
+        """``size -> F.interpolate(frames, size, mode="area")`` as float NCHW, the way that is faster here.
+
+        On CUDA from the integral image (``area_resize_full``, the same values bit for bit): the adaptive
+        pooling kernel took ~9 ms of a 1080p batch of 8 in the render worker, and needed a float copy of
+        the batch (200 MB, ~4 ms) that the integral image (made for stages 2 and 3 anyway) does not. On
+        the CPU the pooling is the faster of the two.
+        """
+        if raw.is_cuda:
+            return functools.partial(area_resize_full, integral)
+        imgs = raw.permute(0, 3, 1, 2).float()
+        return functools.partial(F.interpolate, imgs, mode="area")
+
+    def _stage1(
+        self, level: Callable[[tuple[int, int]], torch.Tensor], n: int, h: int, w: int
+    ) -> Candidates | None:
+        """P-Net over the whole pyramid (``level(size)``: the frames area-resized), then per-(image, scale)
+        NMS 0.5 and per-image NMS 0.7: two syncs."""
         scales = pyramid_scales(h, w, self.min_face_px)
         if not scales:
             return None
@@ -610,7 +651,7 @@ class MtcnnDetector:
         shapes: list[tuple[int, int]] = []
         for scale in scales:  # launched back to back: nothing here waits for the device
             size = (int(h * scale + 1), int(w * scale + 1))
-            data = (F.interpolate(imgs, size=size, mode="area") - 127.5) * 0.0078125
+            data = (level(size) - 127.5) * 0.0078125
             reg, probs = self.pnet(data)
             maps.append(torch.cat([reg, probs[:, 1:]], 1).transpose(0, 1).reshape(5, -1))
             shapes.append((int(probs.shape[2]), int(probs.shape[3])))

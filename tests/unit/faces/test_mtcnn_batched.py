@@ -7,6 +7,7 @@ scores, landmarks, order) with a fixed, small number of device-to-host syncs per
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import cv2
@@ -328,7 +329,8 @@ def test_stage1_keeps_the_reference_candidates_in_order(
     imgs = torch.from_numpy(frames_360p).permute(0, 3, 1, 2).float()
     with torch.inference_mode():
         boxes, inds = _reference_stage1(detector, imgs, 360, 640)
-        found = detector._stage1(imgs, 360, 640)
+        pooled = functools.partial(F.interpolate, imgs, mode="area")
+        found = detector._stage1(pooled, len(frames_360p), 360, 640)
     assert found is not None
     b = np.trunc(boxes[:, :4]).astype(np.int64)
     valid = (np.minimum(b[:, 3], 360) > np.maximum(b[:, 1], 1) - 1) & (
@@ -337,6 +339,47 @@ def test_stage1_keeps_the_reference_candidates_in_order(
     np.testing.assert_array_equal(found.boxes.numpy(), boxes[valid])
     np.testing.assert_array_equal(found.image.numpy(), inds[valid])
     np.testing.assert_array_equal(found.per_image, np.bincount(inds[valid], minlength=len(frames_360p)))
+
+
+def test_pyramid_levels_from_the_integral_image_equal_the_pooling_bit_for_bit(
+    frames_360p: np.ndarray,
+) -> None:
+    """``area_resize_full`` (the CUDA path's pyramid) against ``F.interpolate(mode="area")`` at every
+    pyramid scale of real 360p frames, a 1080p noise frame (the largest bin sums) and odd sizes."""
+    rng = np.random.default_rng(3)
+    batches = [
+        frames_360p,
+        rng.integers(0, 256, (1, 1080, 1920, 3), dtype=np.uint8),
+        frames_360p[:2, :353, :501],
+    ]
+    for frames in batches:
+        raw = torch.from_numpy(np.ascontiguousarray(frames))
+        h, w = raw.shape[1:3]
+        imgs = raw.permute(0, 3, 1, 2).float()
+        narrow = mtcnn.integral_image(raw)  # int32: these frames' sums fit
+        wide = F.pad(raw.permute(0, 3, 1, 2).long().cumsum(2).cumsum(3), (1, 0, 1, 0))
+        assert narrow.dtype == torch.int32 and torch.equal(narrow.long(), wide)
+        for scale in pyramid_scales(h, w, 20):
+            size = (int(h * scale + 1), int(w * scale + 1))
+            want = F.interpolate(imgs, size=size, mode="area")
+            for integral in (narrow, wide):
+                assert torch.equal(mtcnn.area_resize_full(integral, size), want), (frames.shape, size)
+
+
+def test_stage1_from_the_integral_image_finds_the_pooled_candidates(
+    detector: MtcnnDetector, frames_360p: np.ndarray
+) -> None:
+    """The same levels in the same (NCHW) memory, so P-Net runs the same kernels: the same candidates.
+    (CUDA pooled NCHW memory before this path too.)"""
+    raw = torch.from_numpy(frames_360p)
+    imgs = raw.permute(0, 3, 1, 2).float().contiguous()
+    integral = mtcnn.integral_image(raw)
+    n = len(frames_360p)
+    with torch.inference_mode():
+        pooled = detector._stage1(functools.partial(F.interpolate, imgs, mode="area"), n, 360, 640)
+        summed = detector._stage1(functools.partial(mtcnn.area_resize_full, integral), n, 360, 640)
+    assert pooled is not None and summed is not None
+    assert torch.equal(pooled.boxes, summed.boxes) and torch.equal(pooled.image, summed.image)
 
 
 def test_long_suppression_chains_settle_to_the_reference(
