@@ -769,7 +769,7 @@ def _pooled_pyramid() -> tuple[Any, str, Any]:
 
     from worker.models.detect_mtcnn import MtcnnDetector
 
-    def pooled(self: Any, raw: Tensor, integral: Tensor) -> Any:
+    def pooled(self: Any, raw: Tensor, integral: Tensor | None) -> Any:
         imgs = raw.permute(0, 3, 1, 2).float()
         return functools.partial(F.interpolate, imgs.contiguous() if raw.is_cuda else imgs, mode="area")
 

@@ -602,11 +602,12 @@ class MtcnnDetector:
         if n == 0:
             return []
         raw = _to_device(frames, self.device) if on_device is None else on_device
-        integral = integral_image(raw)
+        integral = integral_image(raw) if raw.is_cuda else None  # CUDA's pyramid reads it
         found = self._stage1(self._pyramid_levels(raw, integral), n, h, w)
         out: list[list[Face]] = [[] for _ in range(n)]
         if found is None:
             return out
+        integral = integral_image(raw) if integral is None else integral
         found = self._stage2(integral, found, h, w)
         if found is None:
             return out
@@ -625,16 +626,16 @@ class MtcnnDetector:
         return out
 
     def _pyramid_levels(
-        self, raw: torch.Tensor, integral: torch.Tensor
+        self, raw: torch.Tensor, integral: torch.Tensor | None
     ) -> Callable[[tuple[int, int]], torch.Tensor]:
         """``size -> F.interpolate(frames, size, mode="area")`` as float NCHW, the way that is faster here.
 
-        On CUDA from the integral image (``area_resize_full``, the same values bit for bit): the adaptive
-        pooling kernel took ~9 ms of a 1080p batch of 8 in the render worker, and needed a float copy of
-        the batch (200 MB, ~4 ms) that the integral image (made for stages 2 and 3 anyway) does not. On
-        the CPU the pooling is the faster of the two.
+        With an integral image (CUDA) from it (``area_resize_full``, the same values bit for bit): the
+        adaptive pooling kernel took ~9 ms of a 1080p batch of 8 in the render worker, and needed a float
+        copy of the batch (200 MB, ~4 ms) that the integral image (made for stages 2 and 3 anyway) does
+        not. On the CPU the pooling is the faster of the two.
         """
-        if raw.is_cuda:
+        if integral is not None:
             return functools.partial(area_resize_full, integral)
         imgs = raw.permute(0, 3, 1, 2).float()
         return functools.partial(F.interpolate, imgs, mode="area")

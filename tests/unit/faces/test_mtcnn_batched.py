@@ -382,6 +382,28 @@ def test_stage1_from_the_integral_image_finds_the_pooled_candidates(
     assert torch.equal(pooled.boxes, summed.boxes) and torch.equal(pooled.image, summed.image)
 
 
+def test_detect_with_the_cuda_pyramid_path_gives_the_reference_faces(
+    detector: MtcnnDetector, frames_360p: np.ndarray, monkeypatch: pytest.MonkeyPatch, as_on_cuda: None
+) -> None:
+    """``detect()`` as CUDA runs it (the integral image made first, the pyramid read from it), on CPU
+    tensors: the reference faces."""
+    calls: list[str] = []
+
+    def spy(name: str) -> Callable:
+        real = getattr(mtcnn, name)
+        return lambda *args: (calls.append(name), real(*args))[1]
+
+    monkeypatch.setattr(mtcnn, "integral_image", spy("integral_image"))
+    monkeypatch.setattr(mtcnn, "area_resize_full", spy("area_resize_full"))
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    got = detector.detect(frames_360p)
+    monkeypatch.undo()
+    # one integral image, made before stage 1, which reads every pyramid level from it
+    assert calls[0] == "integral_image" and calls.count("integral_image") == 1
+    assert calls.count("area_resize_full") == len(pyramid_scales(360, 640, detector.min_face_px))
+    assert_same_faces(got, reference_detect(detector, frames_360p))
+
+
 def test_long_suppression_chains_settle_to_the_reference(
     detector: MtcnnDetector, frames_360p: np.ndarray, monkeypatch: pytest.MonkeyPatch, as_on_cuda: None
 ) -> None:
