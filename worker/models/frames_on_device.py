@@ -27,8 +27,9 @@ class FramesOnDevice:
     object.
 
     ``get`` from another CUDA stream (a detection thread one batch ahead) waits for the upload on the
-    device and marks the tensor as used there, so the allocator cannot hand it out early. Callers must
-    not write into a batch after its first ``get`` (the render worker never does).
+    device and marks the tensor as used there, so the allocator cannot hand it out early. The copy is
+    made once: a caller that later writes into a batch (the render worker's in-place blend, after
+    detection and tracking) must not ``get`` it again.
     """
 
     def __init__(self, device: torch.device, keep: int = 6, max_bytes: int = 1 << 30) -> None:
