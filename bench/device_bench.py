@@ -1080,6 +1080,8 @@ def part_pipeline(ctx: BenchContext) -> dict[str, Any]:
                          swapper="mesh", chunk=1, reverts=("whole_last_batch",)),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, pooled pyramid (before)", 2,
                          swapper="mesh", chunk=1, reverts=("pooled_pyramid",)),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, eager detection pyramid (before)", 2,
+                         swapper="mesh", chunk=1, settings={"detect_cuda_graph": False}),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, session 5 face path (all before)", 2,
                          swapper="mesh", chunk=1,
                          reverts=("host_landmark_crops", "copying_blend", "whole_last_batch", "pooled_pyramid")),

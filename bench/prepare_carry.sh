@@ -48,7 +48,7 @@ fill() {  # fill DIR WITH_AV MODEL_FILE...
   for name in "${COMMON_WHEELS[@]}"; do
     cp "$WHEELS"/"$name"-*.whl "$dir/whl/"
   done
-  if [ "$with_av" = yes ]; then cp "$WHEELS"/av-*-cp312-*.whl "$dir/whl/"; fi
+  if [ "$with_av" = yes ]; then cp "$WHEELS"/av-*.whl "$dir/whl/"; fi
   cp "$EXTRA"/*.whl "$dir/whl/"
   for rel in "$@"; do
     mkdir -p "$dir/models-store/$(dirname "$rel")"

@@ -107,6 +107,10 @@ class Settings(BaseSettings):
     # a machine's first use, cached on disk; bench/RESULTS.md); "auto" = triton where it imports, else cudnn;
     # "triton-tma" = the same kernels loading tiles through TMA descriptors (Hopper; not yet measured)
     sr_kernels: Literal["auto", "cudnn", "triton", "triton-tma"] = "auto"
+    # MTCNN's first stage (integral image, pyramid, P-Net: ~500 small ops a 1080p batch) replayed from a
+    # CUDA graph per batch shape, captured once per worker process: the face thread then launches it
+    # once instead of op by op. Costs its intermediates' device memory for good (~1 GiB at 1080p x 8)
+    detect_cuda_graph: bool = True
     # where the mesh swapper blends: "auto" = all faces of a batch at once on CUDA, cv2 on the CPU
     mesh_compositor: Literal["auto", "batched", "torch", "cv2"] = "auto"
     # detect (and smooth) the next batch's faces in a thread of its own while the current batch swaps,

@@ -181,6 +181,7 @@ def create_face_engine(
         reference_distance=options.reference_distance,
         enhance_crops=session.face_enhancer(options),
         mesh_compositor=session.settings.mesh_compositor,
+        detector_cuda_graph=session.settings.detect_cuda_graph,
     )
 
 

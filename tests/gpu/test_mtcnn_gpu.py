@@ -70,3 +70,39 @@ def test_cuda_finds_the_cpu_faces_with_four_syncs(cuda, gpu_store, frames_by_siz
         torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) <= 4, syncs
+
+
+def test_the_graphed_first_stage_gives_the_eager_faces_and_is_shared_per_process(
+    cuda, gpu_store, frames_by_size
+):
+    """``cuda_graph=True`` (the render worker's setting): each batch shape captured once per process, shared by
+    the detectors of later chunks, and the faces of the eager CUDA path bit for bit, ragged batches included;
+    still at most four syncs a call."""
+    frames = frames_by_size[(1920, 1080)]
+    batch = np.concatenate([frames, frames[:3]])  # 8 frames, as the render worker's batches
+    eager = MtcnnDetector(gpu_store, cuda)
+    first, second = (
+        MtcnnDetector(gpu_store, cuda, cuda_graph=True),
+        MtcnnDetector(gpu_store, cuda, cuda_graph=True),
+    )
+    assert first._graphed is not None and first._graphed is second._graphed
+    replays = first._graphed.replays
+    for part in (batch, batch[:3], batch, frames_by_size[(640, 360)]):
+        got, want = second.detect(part), eager.detect(part)
+        assert [len(f) for f in got] == [len(f) for f in want]
+        for got_frame, want_frame in zip(got, want, strict=True):
+            for g, w in zip(got_frame, want_frame, strict=True):
+                assert np.array_equal(g.box, w.box) and np.array_equal(g.landmarks, w.landmarks)
+                assert g.score == w.score
+    assert first._graphed.replays == replays + 4
+    assert len([g for g in first._graphed._graphs.values() if g is not None]) >= 3  # one per batch shape
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            first.detect(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 4, syncs

@@ -43,10 +43,11 @@ FFHQ_512 = np.array(
 )
 
 
-def create_detector(name: str, store: Path, device: torch.device) -> FaceDetector:
-    """``mtcnn`` (shipped) or ``scrfd`` (user-supplied det_10g.onnx)."""
+def create_detector(name: str, store: Path, device: torch.device, *, cuda_graph: bool = False) -> FaceDetector:
+    """``mtcnn`` (shipped) or ``scrfd`` (user-supplied det_10g.onnx); ``cuda_graph``: MTCNN's first
+    stage replayed from CUDA graphs (``MtcnnDetector``), for the render worker's many batches."""
     if name == "mtcnn":
-        return MtcnnDetector(store, device)
+        return MtcnnDetector(store, device, cuda_graph=cuda_graph)
     if name == "scrfd":
         from worker.models.scrfd import ScrfdDetector
 
@@ -142,6 +143,7 @@ class FaceEngine:
         enhance_size_px: int = 512,
         smoothing: bool = True,
         mesh_compositor: str = "auto",
+        detector_cuda_graph: bool = False,
     ) -> None:
         if swapper_name not in SWAPPER_NAMES:
             raise UnknownModelError(
@@ -150,7 +152,7 @@ class FaceEngine:
         self.device = torch.device(device)
         self.store = Path(store)
         self.detect_batch = max(1, detect_batch)
-        self.detector = create_detector(detector, self.store, self.device)
+        self.detector = create_detector(detector, self.store, self.device, cuda_graph=detector_cuda_graph)
         self.source = load_source_face(source_image, self.detector)
         # inswapper and the reference selector share one ArcFace network.
         arcface = ArcFaceEmbedder.from_store(self.store, self.device) if swapper_name == "inswapper" else None

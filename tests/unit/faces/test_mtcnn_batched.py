@@ -323,6 +323,24 @@ def test_other_settings_give_the_reference_faces(
     assert_same_faces(det.detect(frames), reference_detect(det, frames))
 
 
+def _stage1(detector: MtcnnDetector, level: Callable, n: int, h: int, w: int) -> mtcnn.Candidates | None:
+    """Stage 1 with the pyramid levels from ``level`` (the detector's own ``_pyramid_stage`` picks them by device)."""
+    scales = pyramid_scales(h, w, detector.min_face_px)
+    values = mtcnn.pnet_pyramid(detector.pnet, level, scales, h, w)
+    return detector._stage1(values, (values[4] >= mtcnn.STAGE_THRESHOLDS[0]).cumsum(0), scales, n, h, w)
+
+
+def test_pnet_map_size_is_the_nets_output_size(detector: MtcnnDetector) -> None:
+    """The cell tables are made from ``pnet_map_size``, not from the maps: every pyramid size of a few
+    frame sizes, odd and even."""
+    with torch.inference_mode():
+        for h, w in [(360, 640), (353, 501), (1080, 1920), (25, 30)]:
+            for scale in pyramid_scales(h, w, 20):
+                size = (int(h * scale + 1), int(w * scale + 1))
+                _, probs = detector.pnet(torch.zeros(1, 3, *size))
+                assert tuple(probs.shape[2:]) == mtcnn.pnet_map_size(size), size
+
+
 def test_stage1_keeps_the_reference_candidates_in_order(
     detector: MtcnnDetector, frames_360p: np.ndarray
 ) -> None:
@@ -330,7 +348,7 @@ def test_stage1_keeps_the_reference_candidates_in_order(
     with torch.inference_mode():
         boxes, inds = _reference_stage1(detector, imgs, 360, 640)
         pooled = functools.partial(F.interpolate, imgs, mode="area")
-        found = detector._stage1(pooled, len(frames_360p), 360, 640)
+        found = _stage1(detector, pooled, len(frames_360p), 360, 640)
     assert found is not None
     b = np.trunc(boxes[:, :4]).astype(np.int64)
     valid = (np.minimum(b[:, 3], 360) > np.maximum(b[:, 1], 1) - 1) & (
@@ -376,8 +394,8 @@ def test_stage1_from_the_integral_image_finds_the_pooled_candidates(
     integral = mtcnn.integral_image(raw)
     n = len(frames_360p)
     with torch.inference_mode():
-        pooled = detector._stage1(functools.partial(F.interpolate, imgs, mode="area"), n, 360, 640)
-        summed = detector._stage1(functools.partial(mtcnn.area_resize_full, integral), n, 360, 640)
+        pooled = _stage1(detector, functools.partial(F.interpolate, imgs, mode="area"), n, 360, 640)
+        summed = _stage1(detector, functools.partial(mtcnn.area_resize_full, integral), n, 360, 640)
     assert pooled is not None and summed is not None
     assert torch.equal(pooled.boxes, summed.boxes) and torch.equal(pooled.image, summed.image)
 
@@ -503,17 +521,29 @@ def test_group_nms_of_singletons_keeps_the_active_boxes() -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager", "graphed"])
 @pytest.mark.parametrize("size", [(640, 360), (1920, 1080)])
 def test_cuda_gives_the_reference_faces_with_four_syncs(
-    face_store, t1_rgb: np.ndarray, astronaut_rgb: np.ndarray, camera_rgb: np.ndarray, size: tuple[int, int]
+    face_store,
+    t1_rgb: np.ndarray,
+    astronaut_rgb: np.ndarray,
+    camera_rgb: np.ndarray,
+    size: tuple[int, int],
+    cuda_graph: bool,
 ) -> None:
     import warnings
 
     if not torch.cuda.is_available():
         pytest.fail("needs a CUDA device (run on the GPU machine with -m gpu)")
-    det = MtcnnDetector(face_store, "cuda")
+    det = MtcnnDetector(face_store, "cuda", cuda_graph=cuda_graph)
     frames = mixed_frames(size, t1_rgb, astronaut_rgb, camera_rgb)
     assert_same_faces(det.detect(frames), reference_detect(det, frames))
+    if cuda_graph:  # replayed, not run eagerly: one capture for this shape, and the eager net's faces
+        assert det._graphed is not None and det._graphed.replays >= 1
+        eager = MtcnnDetector(face_store, "cuda").detect(frames)
+        for got, want in zip(det.detect(frames), eager, strict=True):
+            assert [f.box.tolist() for f in got] == [f.box.tolist() for f in want]
+            assert [f.score for f in got] == [f.score for f in want]
     assert count_syncs(lambda: det.detect(frames)) == 4
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode(
