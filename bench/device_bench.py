@@ -56,7 +56,8 @@ from worker.models.accelerate import (  # noqa: E402
 from worker.models.super_res import SrModel, load_sr_model, upscale_frames  # noqa: E402
 from worker.models.tiling import run_tiled  # noqa: E402
 
-PARTS = ("sr", "anime", "swapper", "landmarks", "pipeline", "cpu", "conv_sweep", "area_resize")
+PARTS = ("sr", "anime", "swapper", "landmarks", "pipeline", "cpu", "conv_sweep", "area_resize",
+         "x264_threads")  # fmt: skip
 # Measured ceilings of one H100 (handbook GPU.md): bf16 dense matmul and device copy bandwidth.
 PEAK_FLOP_S = 790e12
 PEAK_BYTES_S = 3.0e12
@@ -729,6 +730,8 @@ class PipelineCase:
     chunk: int = 0
     # sixth-session changes this case undoes, for an A/B in one call (names: ``REVERTS``)
     reverts: tuple[str, ...] = ()
+    # EncoderSettings fields this case overrides (e.g. sliced_threads); they change the output's bytes
+    encoder: dict[str, Any] | None = None
 
 
 def _host_landmark_crops() -> tuple[Any, str, Any]:
@@ -868,6 +871,8 @@ def _pipeline_runs(ctx: BenchContext, device: torch.device, width: int, height: 
             time_base_num=clip.time_base.numerator, time_base_den=clip.time_base.denominator,
             fps_num=clip.fps.numerator, fps_den=clip.fps.denominator, threads=ctx.encoder_threads,
         )  # fmt: skip
+        if case.encoder:
+            encoder = encoder.model_copy(update=case.encoder)
         options = JobOptions.model_validate(
             {
                 "swapper": case.swapper,
@@ -907,6 +912,7 @@ def _pipeline_runs(ctx: BenchContext, device: torch.device, width: int, height: 
             "swapper": case.swapper,
             "mode": case.mode,
             "settings": case.settings or {},
+            "encoder": case.encoder or {},
             "chunk": case.chunk,
         }
         # cuDNN autotuning as each way really runs: the per-frame tools and today's session leave it off.
@@ -1080,6 +1086,8 @@ def part_pipeline(ctx: BenchContext) -> dict[str, Any]:
                          swapper="mesh", chunk=1, reverts=("whole_last_batch",)),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, pooled pyramid (before)", 2,
                          swapper="mesh", chunk=1, reverts=("pooled_pyramid",)),
+            PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, x264 sliced threads", 2,
+                         swapper="mesh", chunk=1, encoder={"sliced_threads": True}),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, eager detection pyramid (before)", 2,
                          swapper="mesh", chunk=1, settings={"detect_cuda_graph": False}),
             PipelineCase(f"render_chunk pipelined x2, {mesh}, next chunk, session 5 face path (all before)", 2,
@@ -1186,6 +1194,53 @@ def part_area_resize(ctx: BenchContext) -> dict[str, Any]:
     }
 
 
+def part_x264_threads(ctx: BenchContext) -> dict[str, Any]:
+    """libx264 on 4K frames (the clip's canvas, resized up), CRF 18 veryfast, all cores: frame threads
+    (x264's default) against sliced threads. Per way: the writes' wall, the flush at the end (the frames
+    the encoder still held), the bytes, and the decoded output's PSNR against the frames put in (so
+    "equal quality" is measured, not assumed): YUV 4:2:0 planes against the encoder's own conversion."""
+    import av
+    import cv2
+
+    from shared.schemas import EncoderSettings
+    from worker.frames import open_encoder
+
+    w, h, n = (320, 180, 6) if ctx.smoke else (3840, 2160, 90)
+    canvas = build_canvas(ctx.images, 1920, 1080)
+    frames = np.stack([cv2.resize(frame_at(canvas, i, 1920, 1080), (w, h), interpolation=cv2.INTER_CUBIC)
+                       for i in range(n)])  # fmt: skip
+    out: dict[str, Any] = {"frames": f"{n} x {w}x{h}", "threads": ctx.encoder_threads}
+    for name, sliced in (("frame threads", False), ("sliced threads", True), ("frame threads, again", False)):
+        settings = EncoderSettings(codec="libx264", crf=18, preset="veryfast", width=w, height=h, time_base_num=1,
+                                   time_base_den=30, fps_num=30, fps_den=1, threads=ctx.encoder_threads,
+                                   sliced_threads=sliced)  # fmt: skip
+        path = ctx.work / f"x264-{'sliced' if sliced else 'frame'}.mp4"
+        started = time.perf_counter()
+        with open_encoder(path, settings) as encoder:
+            for k in range(0, n, 8):
+                encoder.write(frames[k : k + 8], list(range(k, min(n, k + 8))))
+            written = time.perf_counter()
+        total = time.perf_counter() - started
+        errors = []
+        # in YUV 4:2:0, against the encoder's own conversion of the input
+        with av.open(str(path)) as container:
+            for i, frame in enumerate(container.decode(video=0)):
+                want = encoder._to_yuv(frames[i]).to_ndarray().astype(np.float64)
+                diff = frame.to_ndarray().astype(np.float64) - want
+                errors.append(float(np.mean(diff * diff)))
+        mse = float(np.mean(errors))
+        out[name] = {
+            "write_s": round(written - started, 3),
+            "flush_s": round(encoder.flush_s, 3),
+            "total_s": round(total, 3),
+            "fps": round(n / total, 2),
+            "bytes": path.stat().st_size,
+            "psnr_db": round(10 * math.log10(255.0**2 / mse), 3) if mse > 0 else None,
+        }
+        print(f"[x264] {name}: {out[name]}", flush=True)
+    return out
+
+
 PART_FUNCTIONS: dict[str, Callable[[BenchContext], dict[str, Any]]] = {
     "sr": part_sr,
     "anime": part_anime,
@@ -1195,6 +1250,7 @@ PART_FUNCTIONS: dict[str, Callable[[BenchContext], dict[str, Any]]] = {
     "cpu": part_cpu,
     "conv_sweep": part_conv_sweep,
     "area_resize": part_area_resize,
+    "x264_threads": part_x264_threads,
 }
 
 

@@ -80,6 +80,10 @@ class EncoderSettings(Wire):
     fps_num: int
     fps_den: int
     threads: int = 2
+    # libx264 threads on slices of each frame, not on whole frames: no frame of delay per thread, so the
+    # chunk's last frames come out as soon as they go in (frame threads hold ~threads + lookahead frames
+    # to the end); x264's own "low latency" mode, at a slightly larger file for the same CRF
+    sliced_threads: bool = False
     profile: str | None = None
     level: str | None = None
     color_range: str | None = None  # "tv" | "pc"

@@ -98,6 +98,7 @@ def render_chunk(
     frames_done = 0
     output_path.parent.mkdir(parents=True, exist_ok=True)
     errors: list[BaseException] = []
+    faces_done_at = time.perf_counter()
     with open_encoder(output_path, spec.encoder) as encoder, _blend_pool(session, clock, spec.index) as blend:
 
         def encode(item: tuple[np.ndarray, list[int]]) -> None:
@@ -132,11 +133,16 @@ def render_chunk(
                         start += len(part.frames)
                     frames_done += len(keep)
                     on_progress(frames_done)
+            faces_done_at = time.perf_counter()
         finally:
             finish_stage.close()
             encode_stage.close()
         if errors:
             raise errors[0]
+    # the pipeline's tail after the face thread's last batch: that batch's blend, SR and encode, and
+    # the encoder's flush of the frames it still held
+    clock.seconds["drain"] = time.perf_counter() - faces_done_at
+    clock.seconds["encode.flush"] = encoder.flush_s
 
     if frames_done != spec.frame_count:
         raise InvalidVideoError(

@@ -68,7 +68,7 @@ def test_cuda_finds_the_cpu_faces_with_four_syncs(cuda, gpu_store, frames_by_siz
             detector.detect(frames)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) <= 4, syncs
 
 
@@ -104,5 +104,5 @@ def test_the_graphed_first_stage_gives_the_eager_faces_and_is_shared_per_process
             first.detect(batch)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) <= 4, syncs

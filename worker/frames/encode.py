@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import math
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -74,6 +75,7 @@ class ChunkEncoder:
         self._nominal_duration = max(1, round(1 / (settings.fps * settings.time_base)))
         self._packets = 0
         self._closed = False
+        self.flush_s = 0.0  # seconds close() spent flushing the encoder (its frames still in flight)
 
     def __enter__(self) -> ChunkEncoder:
         return self
@@ -105,9 +107,11 @@ class ChunkEncoder:
         """Flush the encoder, finish the file; returns the number of frames written."""
         if self._closed:
             return self._packets
+        started = time.perf_counter()
         try:
             self._mux(self._stream.encode(None))
             self._container.close()
+            self.flush_s = time.perf_counter() - started
         except av.error.FFmpegError as exc:
             self._abort()
             raise ExternalToolError(f"encoding {self.path} failed while flushing: {exc}") from exc
@@ -246,7 +250,9 @@ def encoder_options(settings: EncoderSettings, gop_size: int) -> dict[str, str]:
     if settings.codec == "libx264":
         if settings.level:
             options["level"] = settings.level
-        options["x264-params"] = "open-gop=0:bframes=0"
+        options["x264-params"] = "open-gop=0:bframes=0" + (
+            ":sliced-threads=1" if settings.sliced_threads else ""
+        )
         return options
     params = [
         "open-gop=0",
