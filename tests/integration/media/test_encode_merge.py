@@ -243,6 +243,24 @@ def test_h265_chunks_merge_by_stream_copy(media: Media, tmp_path: Path) -> None:
     assert ffprobe_stream(output, "v:0", "codec_name")["codec_name"] == "hevc"
 
 
+def test_sliced_thread_chunks_merge_frame_exact(media: Media, tmp_path: Path) -> None:
+    """x264's sliced threads (``EncoderSettings.sliced_threads``): the option reaches x264 (its SEI says so,
+    on frames tall enough for two slices), and chunks still start on a keyframe and stream-copy into the whole."""
+    info = probe(str(media.long_gop))
+    settings = job_settings(info).model_copy(update={"sliced_threads": True, "threads": 2})
+    wide = settings.model_copy(update={"width": 320, "height": 240})
+    frames = np.random.default_rng(0).integers(0, 256, (4, 240, 320, 3), dtype=np.uint8)
+    with open_encoder(tmp_path / "wide.mp4", wide) as encoder:
+        encoder.write(frames, [0, 1001, 2002, 3003])
+    assert b"sliced_threads=1" in (tmp_path / "wide.mp4").read_bytes() and encoder.flush_s > 0
+    paths, ranges = render(media.long_gop, info, tmp_path, chunk_frames=12, settings=settings, start=30, end=60)
+    output = tmp_path / "sliced.mp4"
+    report = merge_chunks(
+        paths, source=str(media.long_gop), info=info, chunk_ranges=ranges, output=output, label=LABEL, timeout_s=120
+    )
+    assert report.frames == report.expected_frames == 30
+
+
 def test_a_short_chunk_fails_the_merge_and_leaves_no_output(media: Media, tmp_path: Path) -> None:
     info = probe(str(media.long_gop))
     settings = job_settings(info)

@@ -67,6 +67,8 @@ def render_all(specs: list[ChunkSpec], video: Path, face: Path, settings: Settin
             log=lambda line: None,
         )
         assert stats.frames == spec.frame_count
+        # the tail after the face thread's last batch holds the encoder's flush
+        assert stats.stage_seconds["drain"] >= stats.stage_seconds["encode.flush"] > 0
         paths.append(path)
     return paths
 

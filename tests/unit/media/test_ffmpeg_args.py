@@ -159,6 +159,12 @@ def test_x264_options_pin_closed_gops_without_b_frames() -> None:
     }
 
 
+def test_x264_sliced_threads_is_one_more_param() -> None:
+    options = encoder_options(_settings(sliced_threads=True), 120)
+    assert options["x264-params"] == "open-gop=0:bframes=0:sliced-threads=1"
+    assert "sliced" not in encoder_options(_settings(codec="libx265", sliced_threads=True), 120)["x265-params"]
+
+
 def test_x265_options_pin_threads_and_level() -> None:
     options = encoder_options(_settings(codec="libx265", threads=3, level="5.1"), 120)
     params = options["x265-params"].split(":")
