@@ -243,6 +243,7 @@ def encoder_settings_for(info: VideoInfo, options: JobOptions, settings: Setting
         fps_num=info.avg_fps_num,
         fps_den=info.avg_fps_den,
         threads=settings.encoder_threads,
+        sliced_threads=settings.encoder_sliced_threads and CODECS[options.codec] == "libx264",
         profile=_profile(options),
         level=codec_level(options.codec, width, height, info.avg_fps),
         color_range=info.color_range or "tv",

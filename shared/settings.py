@@ -104,8 +104,9 @@ class Settings(BaseSettings):
     # the SR nets' convs on CUDA: "cudnn" = torch's (compiled per sr_compile); "triton" = our fused
     # Triton kernels (conv + bias + PReLU + residual + pixel shuffle in one pass: less than half the GPU
     # time of cuDNN + torch's PReLU, which the face stage's kernels then get; ~20 s of autotuning on
-    # a machine's first use, cached on disk; bench/RESULTS.md); "auto" = triton where it imports, else cudnn;
-    # "triton-tma" = the same kernels loading tiles through TMA descriptors (Hopper; not yet measured)
+    # a machine's first use, cached on disk; bench/RESULTS.md); "triton-tma" = the same kernels loading
+    # tiles through TMA descriptors (Hopper or newer: 1.14x "triton" on animevideov3 on an H200); "auto" =
+    # triton-tma on such a GPU, triton on an older one, cudnn where Triton does not import
     sr_kernels: Literal["auto", "cudnn", "triton", "triton-tma"] = "auto"
     # MTCNN's first stage (integral image, pyramid, P-Net: ~500 small ops a 1080p batch) replayed from a
     # CUDA graph per batch shape, captured once per worker process: the face thread then launches it
@@ -131,6 +132,10 @@ class Settings(BaseSettings):
     # (one face thread doing all the face work then waits less for the GIL between its torch ops)
     gil_switch_interval_ms: Literal["auto"] | Annotated[float, Field(gt=0)] = "auto"
     encoder_threads: int = 2
+    # x264 threads on slices of each frame instead of whole frames (EncoderSettings.sliced_threads): a
+    # chunk's last frames then leave the encoder as soon as they go in, instead of after the ~threads +
+    # lookahead frames that frame threads hold; a slightly larger file at the same CRF
+    encoder_sliced_threads: bool = False
 
     # --- flower / observability ------------------------------------------------------------
     flower_basic_auth: str | None = None  # "user:password"

@@ -77,7 +77,7 @@ def test_the_graphed_first_stage_gives_the_eager_faces_and_is_shared_per_process
 ):
     """``cuda_graph=True`` (the render worker's setting): each batch shape captured once per process, shared by
     the detectors of later chunks, and the faces of the eager CUDA path bit for bit, ragged batches included;
-    still at most four syncs a call."""
+    no sync more than the eager path."""
     frames = frames_by_size[(1920, 1080)]
     batch = np.concatenate([frames, frames[:3]])  # 8 frames, as the render worker's batches
     eager = MtcnnDetector(gpu_store, cuda)
@@ -96,13 +96,18 @@ def test_the_graphed_first_stage_gives_the_eager_faces_and_is_shared_per_process
                 assert g.score == w.score
     assert first._graphed.replays == replays + 4
     assert len([g for g in first._graphed._graphs.values() if g is not None]) >= 3  # one per batch shape
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            first.detect(batch)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
-    assert len(syncs) <= 4, syncs
+
+    def syncs(detector: MtcnnDetector) -> list[str]:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                detector.detect(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+
+    # the graph adds none: this many candidates take the fifth, counting sync of the cross-scale NMS
+    # (CROSS_NMS_BLIND_PAIRS) either way, all of them in ``_fetch``
+    assert syncs(first) == syncs(eager) and len(syncs(first)) <= 5

@@ -248,6 +248,9 @@ def test_encoder_settings_keep_time_base_colour_and_round_odd_upright_sizes_to_e
     assert (settings.codec, settings.crf, settings.preset, settings.threads) == ("libx264", 20, "slow", 3)
     upscaled = encoder_settings_for(info, JobOptions(upscale=2, codec="h265"), Settings())
     assert (upscaled.width, upscaled.height, upscaled.codec) == (194, 322, "libx265")
+    sliced = Settings(encoder_sliced_threads=True)
+    assert encoder_settings_for(info, JobOptions(), sliced).sliced_threads  # x264 only
+    assert not encoder_settings_for(info, JobOptions(codec="h265"), sliced).sliced_threads
 
 
 def test_frame_range_for_seconds_maps_to_frames_and_rejects_empty_ranges() -> None:
