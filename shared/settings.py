@@ -104,9 +104,10 @@ class Settings(BaseSettings):
     # the SR nets' convs on CUDA: "cudnn" = torch's (compiled per sr_compile); "triton" = our fused
     # Triton kernels (conv + bias + PReLU + residual + pixel shuffle in one pass: less than half the GPU
     # time of cuDNN + torch's PReLU, which the face stage's kernels then get; ~20 s of autotuning on
-    # a machine's first use, cached on disk; bench/RESULTS.md); "triton-tma" = the same kernels loading
-    # tiles through TMA descriptors (Hopper or newer: 1.14x "triton" on animevideov3 on an H200); "auto" =
-    # triton-tma on such a GPU, triton on an older one, cudnn where Triton does not import
+    # a machine's first use, cached on disk; bench/RESULTS.md); "auto" = triton where it imports, else
+    # cudnn; "triton-tma" = the same kernels loading tiles through TMA descriptors (Hopper or newer: 1.14x
+    # "triton" on animevideov3 alone on an H200, same PSNR; opt-in: in the render worker its output bytes
+    # varied between runs of the same settings, which the pointer loads' never did)
     sr_kernels: Literal["auto", "cudnn", "triton", "triton-tma"] = "auto"
     # MTCNN's first stage (integral image, pyramid, P-Net: ~500 small ops a 1080p batch) replayed from a
     # CUDA graph per batch shape, captured once per worker process: the face thread then launches it

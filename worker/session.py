@@ -202,7 +202,7 @@ class RenderSession:
             return eager
         key = (eager.name, id(net))
         if key not in self._fast_sr:
-            kernels = sr_kernels(self.settings.sr_kernels, self.device)
+            kernels = sr_kernels(self.settings.sr_kernels)
             compile_net = self.settings.sr_compile and kernels == "cudnn"
             if compile_net:
                 configure_compile_cache(Path(self.settings.model_cache_dir) / "inductor")
