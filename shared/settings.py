@@ -109,7 +109,7 @@ class Settings(BaseSettings):
     # "triton" on animevideov3 alone on an H200, same PSNR; opt-in: in the render worker its output bytes
     # varied between runs of the same settings, which the pointer loads' never did)
     sr_kernels: Literal["auto", "cudnn", "triton", "triton-tma"] = "auto"
-    # MTCNN's first stage (integral image, pyramid, P-Net: ~500 small ops a 1080p batch) replayed from a
+    # MTCNN's first stage (integral image, pyramid, P-Net: ~600 small ops a 1080p batch) replayed from a
     # CUDA graph per batch shape, captured once per worker process: the face thread then launches it
     # once instead of op by op. Costs its intermediates' device memory for good (~1 GiB at 1080p x 8)
     detect_cuda_graph: bool = True

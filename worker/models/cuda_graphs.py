@@ -1,6 +1,6 @@
 """A module replayed from CUDA graphs, one per input shape, for fixed-shape work run many times a chunk.
 
-Why: MTCNN's first stage (integral image, eleven pyramid levels, P-Net on each) is ~500 small torch
+Why: MTCNN's first stage (integral image, eleven pyramid levels, P-Net on each) is ~600 small torch
 ops a 1080p batch, run in the render worker's face thread, its bottleneck. Launching them one by one
 from Python, each op giving up and taking back the GIL that four other stage threads want, held that
 thread far longer than the GPU took to run them. A graph replays them with one launch.

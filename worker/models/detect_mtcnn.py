@@ -485,7 +485,7 @@ class PyramidStage(nn.Module):
     (``area_resize_full``), and the running count of cells over stage 1's threshold.
 
     Every shape in here follows from the batch's, and nothing reads the host, so the render worker
-    replays it from one CUDA graph per batch shape (``cuda_graphs``): ~500 ops a 1080p batch of 8.
+    replays it from one CUDA graph per batch shape (``cuda_graphs``): ~600 ops a 1080p batch of 8.
     """
 
     def __init__(self, pnet: nn.Module, min_face_px: int) -> None:
