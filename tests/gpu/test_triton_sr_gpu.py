@@ -62,3 +62,35 @@ def test_triton_rrdbnet_matches_eager_fp32(cuda, kernels):
         got = fast.run(x.half())
     assert got.shape == want.shape
     assert _psnr(got.float(), want) > 45.0
+
+
+@pytest.mark.parametrize("kernels", ["triton", "triton-tma"])
+def test_triton_animevideov3_is_deterministic_across_repeats_batches_and_streams(cuda, gpu_store, kernels):
+    """The same frame gives the same bits whatever else runs: repeated, inside batches of 1, 4 and 8, on
+    another stream while a second stream runs the net too. The render worker's rows rely on it (one
+    ``output_md5`` per picture); on the H200, TMA-load SR in the pipeline broke it (bench/RESULTS.md,
+    seventh session), which this is here to pin down."""
+    model = load_sr_model("realesr-animevideov3", gpu_store, device=cuda, dtype=torch.float16)
+    fast = accelerate_sr(model, SpeedOptions(kernels=kernels))
+    gen = torch.Generator(device="cpu").manual_seed(7)
+    frames = (
+        torch.rand(8, 3, 270, 480, generator=gen)
+        .half()
+        .to(cuda)
+        .contiguous(memory_format=torch.channels_last)
+    )
+    with torch.inference_mode():
+        want = fast.run(frames[:1]).clone()
+        outputs = [fast.run(frames[:1]) for _ in range(3)]
+        outputs += [fast.run(frames[:b])[:1] for b in (4, 8)]
+        side, other = torch.cuda.Stream(cuda), torch.cuda.Stream(cuda)
+        with torch.cuda.stream(side):
+            busy = [fast.run(frames) for _ in range(2)]
+        with torch.cuda.stream(other):
+            outputs.append(fast.run(frames[:1]))
+        torch.cuda.synchronize(cuda)
+        del busy
+    for k, got in enumerate(outputs):
+        assert torch.equal(got, want), (
+            f"run {k} differs: max {float((got.float() - want.float()).abs().max())}"
+        )
