@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -36,6 +37,19 @@ def _image(name: str) -> np.ndarray:
     return data.astronaut()
 
 
+def _syncs(call: Callable[[], object]) -> list[str]:
+    """Where ``call`` made what the driver calls a synchronizing CUDA operation (file:line each)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+
+
 @pytest.fixture(scope="module")
 def frames_by_size() -> dict[tuple[int, int], np.ndarray]:
     t1, astronaut = _image("t1.jpg"), _image("astronaut.png")
@@ -60,15 +74,7 @@ def test_cuda_finds_the_cpu_faces_with_four_syncs(cuda, gpu_store, frames_by_siz
         for g, w in zip(got_frame, want_frame, strict=True):
             np.testing.assert_allclose(g.box, w.box, atol=0.05)
             np.testing.assert_allclose(g.landmarks, w.landmarks, atol=0.05)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")  # what the driver calls synchronizing
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            detector.detect(frames)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    syncs = _syncs(lambda: detector.detect(frames))
     assert len(syncs) <= 4, syncs
 
 
@@ -97,17 +103,7 @@ def test_the_graphed_first_stage_gives_the_eager_faces_and_is_shared_per_process
     assert first._graphed.replays == replays + 4
     assert len([g for g in first._graphed._graphs.values() if g is not None]) >= 3  # one per batch shape
 
-    def syncs(detector: MtcnnDetector) -> list[str]:
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                detector.detect(batch)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
-
     # the graph adds none: this many candidates take the fifth, counting sync of the cross-scale NMS
     # (CROSS_NMS_BLIND_PAIRS) either way, all of them in ``_fetch``
-    assert syncs(first) == syncs(eager) and len(syncs(first)) <= 5
+    graphed = _syncs(lambda: first.detect(batch))
+    assert graphed == _syncs(lambda: eager.detect(batch)) and len(graphed) <= 5
