@@ -80,9 +80,9 @@ class EncoderSettings(Wire):
     fps_num: int
     fps_den: int
     threads: int = 2
-    # libx264 threads on slices of each frame, not on whole frames: no frame of delay per thread, so the
-    # chunk's last frames come out as soon as they go in (frame threads hold ~threads + lookahead frames
-    # to the end); x264's own "low latency" mode, at a slightly larger file for the same CRF
+    # libx264 threads on slices of each frame, not on whole frames (x264's low-latency mode): less held
+    # at the chunk's end, but on 16 cores at 4K it encoded 29% slower with 12% larger files at the same
+    # PSNR (bench/RESULTS.md, seventh session), so jobs leave it off unless settings ask
     sliced_threads: bool = False
     profile: str | None = None
     level: str | None = None

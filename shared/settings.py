@@ -134,8 +134,8 @@ class Settings(BaseSettings):
     gil_switch_interval_ms: Literal["auto"] | Annotated[float, Field(gt=0)] = "auto"
     encoder_threads: int = 2
     # x264 threads on slices of each frame instead of whole frames (EncoderSettings.sliced_threads): a
-    # chunk's last frames then leave the encoder as soon as they go in, instead of after the ~threads +
-    # lookahead frames that frame threads hold; a slightly larger file at the same CRF
+    # shorter flush at a chunk's end, but on the H200 host it cost 29% of the 4K encode rate and the
+    # render worker lost 10-20% (bench/RESULTS.md, seventh session); for hosts where that differs
     encoder_sliced_threads: bool = False
 
     # --- flower / observability ------------------------------------------------------------

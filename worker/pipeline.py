@@ -98,7 +98,6 @@ def render_chunk(
     frames_done = 0
     output_path.parent.mkdir(parents=True, exist_ok=True)
     errors: list[BaseException] = []
-    faces_done_at = time.perf_counter()
     with open_encoder(output_path, spec.encoder) as encoder, _blend_pool(session, clock, spec.index) as blend:
 
         def encode(item: tuple[np.ndarray, list[int]]) -> None:
