@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,21 @@ class FarmProcesses:
             f"--- {w.name} ---\n{w.log()[-tail_chars:]}"
             for w in [*self.render_workers, self.cpu_worker, self.check_worker]
         )
+
+
+def eventually(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    """Whether ``condition()`` holds within ``timeout_s``, polled every 50 ms.
+
+    For what the farm does just after a state a test waits for: the merge drops a job's chunks
+    right after it records COMPLETED (so a crash in between keeps them), so a client that sees
+    COMPLETED can still see the chunks for a moment.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def stop_all(workers: list[CeleryWorker]) -> None:

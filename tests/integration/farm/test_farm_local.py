@@ -18,6 +18,7 @@ from dispatcher import service
 from dispatcher.reconciler import reconcile_once
 from shared.schemas import ChunkStatus, JobOptions, JobStatus, JobView
 from tests.integration.farm.conftest import BATCH_FRAMES, STALL_VIDEO, Farm
+from tests.support.farm import eventually
 from tests.support.media import count_frames, keyframe_count
 
 pytestmark = pytest.mark.integration
@@ -101,8 +102,10 @@ def test_multiface_job_completes_with_every_frame_and_monotonic_progress(
     assert {c.status for c in chunks} == {ChunkStatus.COMMITTED}
     assert len({c.worker for c in chunks}) >= 1
     assert sum(c.stats.faces for c in chunks if c.stats) > 0  # faces were found and swapped
-    storage_root = Path(local_farm.settings.storage_url.removeprefix("file://"))
-    assert not (storage_root / "jobs" / view.job_id / "chunks").exists()  # dropped after COMPLETED
+    chunks_dir = (
+        Path(local_farm.settings.storage_url.removeprefix("file://")) / "jobs" / view.job_id / "chunks"
+    )
+    assert eventually(lambda: not chunks_dir.exists())  # dropped after COMPLETED
 
     audit = service.audit_record(local_farm.ctx, "alice", view.job_id)
     assert audit["owner"] == "alice" and len(audit["output_sha256"]) == 64

@@ -11,6 +11,7 @@ from dispatcher import service
 from shared.schemas import JobOptions, JobStatus
 from shared.storage import S3Storage
 from tests.integration.farm.conftest import Farm
+from tests.support.farm import eventually
 from tests.support.media import count_frames
 
 pytestmark = pytest.mark.integration
@@ -55,4 +56,5 @@ def test_job_on_s3_completes_from_presigned_urls(
     assert url.startswith("http://") and "Signature" in url
     assert count_frames(url) == 45
     assert storage.exists(f"jobs/{view.job_id}/output.mp4")
-    assert not storage.exists(f"jobs/{view.job_id}/chunks/00000/output.mp4")  # dropped after COMPLETED
+    first_chunk = f"jobs/{view.job_id}/chunks/00000/output.mp4"
+    assert eventually(lambda: not storage.exists(first_chunk))  # dropped after COMPLETED

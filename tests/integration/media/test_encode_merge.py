@@ -253,10 +253,18 @@ def test_sliced_thread_chunks_merge_frame_exact(media: Media, tmp_path: Path) ->
     with open_encoder(tmp_path / "wide.mp4", wide) as encoder:
         encoder.write(frames, [0, 1001, 2002, 3003])
     assert b"sliced_threads=1" in (tmp_path / "wide.mp4").read_bytes() and encoder.flush_s > 0
-    paths, ranges = render(media.long_gop, info, tmp_path, chunk_frames=12, settings=settings, start=30, end=60)
+    paths, ranges = render(
+        media.long_gop, info, tmp_path, chunk_frames=12, settings=settings, start=30, end=60
+    )
     output = tmp_path / "sliced.mp4"
     report = merge_chunks(
-        paths, source=str(media.long_gop), info=info, chunk_ranges=ranges, output=output, label=LABEL, timeout_s=120
+        paths,
+        source=str(media.long_gop),
+        info=info,
+        chunk_ranges=ranges,
+        output=output,
+        label=LABEL,
+        timeout_s=120,
     )
     assert report.frames == report.expected_frames == 30
 
