@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dispatcher.merger import merge_chunks
+from dispatcher.merger import MergeReport, merge_chunks
 from dispatcher.planner import ChunkRange, encoder_settings_for, plan_chunks
 from shared.errors import ExternalToolError
 from shared.ffmpeg import framemd5_args, packet_hash_args, run_ffmpeg
@@ -85,6 +85,15 @@ def job_settings(info: VideoInfo, **options: object) -> EncoderSettings:
     return encoder_settings_for(info, JobOptions(**chosen), Settings(encoder_threads=2))  # type: ignore[arg-type]
 
 
+def merge(
+    paths: list[Path], ranges: list[ChunkRange], source: Path, info: VideoInfo, output: Path
+) -> MergeReport:
+    """``merge_chunks`` as every test here calls it: one label, a two-minute limit."""
+    return merge_chunks(
+        paths, source=str(source), info=info, chunk_ranges=ranges, output=output, label=LABEL, timeout_s=120
+    )
+
+
 @pytest.mark.parametrize("name", ["long_gop", "vfr", "offset"])
 def test_round_trip_keeps_frames_pts_audio_sync_and_labels(media: Media, tmp_path: Path, name: str) -> None:
     source = getattr(media, name)
@@ -92,9 +101,7 @@ def test_round_trip_keeps_frames_pts_audio_sync_and_labels(media: Media, tmp_pat
     paths, ranges = render(source, info, tmp_path, chunk_frames=25, settings=job_settings(info))
     assert len(ranges) >= 3
     output = tmp_path / "out" / "result.mp4"
-    report = merge_chunks(
-        paths, source=str(source), info=info, chunk_ranges=ranges, output=output, label=LABEL, timeout_s=120
-    )
+    report = merge(paths, ranges, source, info, output)
     assert report.frames == report.expected_frames == info.frame_count
     assert sorted(p.name for p in output.parent.iterdir()) == ["result.mp4"]  # temp files gone
 
@@ -123,15 +130,7 @@ def test_rotated_source_merges_upright_without_rotation_tag(media: Media, tmp_pa
     info = probe(str(media.rotated))
     paths, ranges = render(media.rotated, info, tmp_path, chunk_frames=30, settings=job_settings(info))
     output = tmp_path / "upright.mp4"
-    merge_chunks(
-        paths,
-        source=str(media.rotated),
-        info=info,
-        chunk_ranges=ranges,
-        output=output,
-        label=LABEL,
-        timeout_s=120,
-    )
+    merge(paths, ranges, media.rotated, info, output)
     merged = probe(str(output))
     assert (merged.rotation, merged.width, merged.height) == (0, 96, 160)
     assert psnr(decode_video(output), decode_video(media.rotated)) > 30
@@ -169,15 +168,7 @@ def test_chunk_starts_with_a_keyframe_and_keeps_source_pts_and_colour_tags(
         "color_transfer": "bt709",
     }
     output = tmp_path / "tagged.mp4"
-    merge_chunks(
-        paths,
-        source=str(media.tagged),
-        info=info,
-        chunk_ranges=ranges,
-        output=output,
-        label=LABEL,
-        timeout_s=120,
-    )
+    merge(paths, ranges, media.tagged, info, output)
     assert ffprobe_stream(output, "v:0", "color_range,color_space,color_primaries,color_transfer") == tags
     assert psnr(decode_video(output), decode_video(media.tagged)[5:]) > 30
 
@@ -188,15 +179,7 @@ def test_partial_range_job_starts_at_zero_with_its_audio(media: Media, tmp_path:
         media.long_gop, info, tmp_path, chunk_frames=15, settings=job_settings(info), start=20, end=70
     )
     output = tmp_path / "part.mp4"
-    report = merge_chunks(
-        paths,
-        source=str(media.long_gop),
-        info=info,
-        chunk_ranges=ranges,
-        output=output,
-        label=LABEL,
-        timeout_s=120,
-    )
+    report = merge(paths, ranges, media.long_gop, info, output)
     assert report.frames == 50
     assert abs(report.duration_s - 50 * 1001 / 30000) < 1e-6
     assert start_time(output, "v:0") == 0.0
@@ -211,15 +194,7 @@ def test_odd_sized_source_is_cropped_to_even_and_merges(media: Media, tmp_path: 
     assert (info.width, info.height, settings.width, settings.height) == (95, 61, 94, 60)
     paths, ranges = render(media.odd, info, tmp_path, chunk_frames=3, settings=settings)
     output = tmp_path / "odd_out.mp4"
-    report = merge_chunks(
-        paths,
-        source=str(media.odd),
-        info=info,
-        chunk_ranges=ranges,
-        output=output,
-        label=LABEL,
-        timeout_s=120,
-    )
+    report = merge(paths, ranges, media.odd, info, output)
     assert report.frames == 7 and len(ranges) == 2
 
 
@@ -230,15 +205,7 @@ def test_h265_chunks_merge_by_stream_copy(media: Media, tmp_path: Path) -> None:
         media.long_gop, info, tmp_path, chunk_frames=12, settings=settings, start=30, end=60
     )
     output = tmp_path / "hevc.mp4"
-    report = merge_chunks(
-        paths,
-        source=str(media.long_gop),
-        info=info,
-        chunk_ranges=ranges,
-        output=output,
-        label=LABEL,
-        timeout_s=120,
-    )
+    report = merge(paths, ranges, media.long_gop, info, output)
     assert report.frames == 30
     assert ffprobe_stream(output, "v:0", "codec_name")["codec_name"] == "hevc"
 
@@ -257,15 +224,7 @@ def test_sliced_thread_chunks_merge_frame_exact(media: Media, tmp_path: Path) ->
         media.long_gop, info, tmp_path, chunk_frames=12, settings=settings, start=30, end=60
     )
     output = tmp_path / "sliced.mp4"
-    report = merge_chunks(
-        paths,
-        source=str(media.long_gop),
-        info=info,
-        chunk_ranges=ranges,
-        output=output,
-        label=LABEL,
-        timeout_s=120,
-    )
+    report = merge(paths, ranges, media.long_gop, info, output)
     assert report.frames == report.expected_frames == 30
 
 
@@ -283,13 +242,5 @@ def test_a_short_chunk_fails_the_merge_and_leaves_no_output(media: Media, tmp_pa
             encoder.write(batch.frames[keep], [batch.pts[i] for i in keep])
     output = tmp_path / "out" / "bad.mp4"
     with pytest.raises(ExternalToolError, match="merged video has 88 frames, the plan has 90"):
-        merge_chunks(
-            paths,
-            source=str(media.long_gop),
-            info=info,
-            chunk_ranges=ranges,
-            output=output,
-            label=LABEL,
-            timeout_s=120,
-        )
+        merge(paths, ranges, media.long_gop, info, output)
     assert list(output.parent.iterdir()) == []
